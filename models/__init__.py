@@ -1,0 +1,1 @@
+"""uad-node models: volume in, anomaly map out (preprocessing, cDDPM, training, evaluation)."""

@@ -1,0 +1,124 @@
+"""``uad-node``: the admin's commands. Exit codes: 0 ok, 1 runtime failure, 2 bad input/config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sqlalchemy import inspect
+from sqlalchemy.exc import SQLAlchemyError
+
+from node import __version__
+from node.config import ConfigError, NodeConfig, load_config
+from node.db.database import open_database
+from node.status import collect_status, status_json, status_text
+
+DEFAULT_CONFIG = Path("config/node.toml")
+log = logging.getLogger("node")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uad-node", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"uad-node {__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the DICOM receiver until SIGTERM/SIGINT")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    serve.set_defaults(run=_serve)
+
+    config = commands.add_parser("config", help="config file tools")
+    config_commands = config.add_subparsers(metavar="ACTION", required=True)
+    check = config_commands.add_parser("check", help="validate a config file and print the effective config")
+    check.add_argument("file", type=Path)
+    check.set_defaults(run=_config_check)
+
+    status = commands.add_parser("status", help="studies and series the node holds")
+    status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
+    return parser
+
+
+def _load(path: Path) -> NodeConfig | None:
+    """Load the config or print its errors (one per line, with key paths) to stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"{exc.path}: invalid config", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return None
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return 2
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    print(f"{args.file}: OK", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 2
+    db = open_database(config.node.effective_database_url(), migrate=False)
+    try:
+        studies = collect_status(db) if inspect(db.engine).has_table("series") else []
+    except SQLAlchemyError as exc:
+        print(f"cannot read the database: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.close()
+    print(json.dumps(status_json(studies), indent=2) if args.json else status_text(studies))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from node.receiver import Receiver
+
+    config = _load(args.config)
+    if config is None:
+        return 2
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        config.node.data_dir.mkdir(parents=True, exist_ok=True)
+        db = open_database(config.node.effective_database_url())
+    except (OSError, SQLAlchemyError) as exc:
+        log.error("cannot open data directory or database: %s", exc)
+        return 1
+    receiver = Receiver(config=config, db=db)
+    try:
+        receiver.start()
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror or exc)
+        db.close()
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping: no new associations; finishing stores in flight")
+    receiver.stop()
+    db.close()
+    return 0

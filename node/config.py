@@ -1,0 +1,236 @@
+"""The node's one config file: a TOML document validated by pydantic.
+
+Every other module receives the parts of :class:`NodeConfig` it needs as
+arguments; nothing reads the file or the environment behind their back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles are 1-16 characters of the DICOM default repertoire, no backslash."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("AE title must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title {stripped!r} is longer than 16 characters")
+    if any(ch == "\\" or not (0x20 <= ord(ch) < 0x7F) for ch in stripped):
+        raise ValueError(f"AE title {stripped!r} contains a backslash or a non-printable/non-ASCII character")
+    return stripped
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedSender(_Section):
+    """A caller that may open associations: its AE title and, optionally, where it connects from."""
+
+    ae_title: str
+    host: str = Field("", description="IP address, CIDR network or host name; empty = any address")
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                if not all(part.isalnum() or part == "-" for part in value.replace(".", " ").split()):
+                    raise ValueError(f"{value!r} is neither an IP address, a network nor a host name") from None
+        return value
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """Resolve ``host`` once, at start-up, to the networks a caller may come from."""
+        if not self.host:
+            return [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+        try:
+            return [ipaddress.ip_network(self.host, strict=False)]
+        except ValueError:
+            infos = socket.getaddrinfo(self.host, None, proto=socket.IPPROTO_TCP)
+            return [ipaddress.ip_network(info[4][0]) for info in infos]
+
+
+class NodeSection(_Section):
+    """Identity, network and local storage of the receiving node."""
+
+    ae_title: str = "UADNODE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    data_dir: Path = Path("./uad-data")
+    database_url: str = Field("", description="empty = SQLite file data_dir/uad-node.sqlite")
+    allowed_senders: list[AllowedSender] = Field(default_factory=list)
+    min_free_disk_mb: int = Field(1024, ge=0)
+    max_associations: int = Field(10, ge=1, le=1000)
+    max_pdu_size: int = Field(1_048_576, ge=0, description="0 = unlimited")
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(30.0, gt=0)
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _check_pdu(cls, value: int) -> int:
+        if value and value < 4096:
+            raise ValueError("maximum PDU size must be 0 (unlimited) or at least 4096 bytes")
+        return value
+
+    def effective_database_url(self) -> str:
+        """The SQLAlchemy URL actually used: the configured one or the default SQLite file."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'uad-node.sqlite').resolve()}"
+
+
+class StorageSection(_Section):
+    """Which SOP classes are kept, and what happens to the rest."""
+
+    stored_sop_classes: list[str] = Field(default_factory=lambda: [MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE])
+    other_sop_classes: Literal["ignore", "reject"] = Field(
+        "ignore",
+        description="ignore = acknowledge and record without storing; reject = not negotiated",
+    )
+
+    @field_validator("stored_sop_classes")
+    @classmethod
+    def _check_uids(cls, values: list[str]) -> list[str]:
+        from node.uids import is_valid_uid
+
+        bad = [v for v in values if not is_valid_uid(v)]
+        if bad:
+            raise ValueError(f"not valid DICOM UIDs: {bad}")
+        if not values:
+            raise ValueError("at least one SOP class must be stored")
+        return values
+
+
+class TlsSection(_Section):
+    """DICOM TLS (PS3.15 B.1/B.9): the node's certificate and who it trusts."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = Field(None, description="PEM bundle used to verify client certificates")
+    require_client_certificate: bool = True
+
+    @field_validator("certificate", "private_key", "ca_certificates", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TlsSection:
+        if not self.enabled:
+            return self
+        missing = [name for name in ("certificate", "private_key") if getattr(self, name) is None]
+        if self.require_client_certificate and self.ca_certificates is None:
+            missing.append("ca_certificates")
+        if missing:
+            raise ValueError(f"TLS is enabled but {', '.join(missing)} not set")
+        for name in ("certificate", "private_key", "ca_certificates"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: file {str(path)!r} does not exist")
+        return self
+
+
+class Destination(_Section):
+    """A DICOM peer that receives results (PACS, viewer, router)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str
+    port: Port
+    tls: bool = False
+
+    _check_ae = field_validator("ae_title")(_check_ae_title)
+
+
+class LoggingSection(_Section):
+    """Log level and whether patient data may appear in logs (never, unless debugging)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_patient_data: bool = False
+
+
+class NodeConfig(_Section):
+    """The whole config file."""
+
+    node: NodeSection = Field(default_factory=NodeSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    tls: TlsSection = Field(default_factory=TlsSection)
+    destinations: list[Destination] = Field(default_factory=list)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> NodeConfig:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination names must be unique: {dupes}")
+        return self
+
+
+class ConfigError(Exception):
+    """The config file is unreadable or invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(errors))
+        self.path = path
+        self.errors = errors
+
+
+def load_config(path: Path) -> NodeConfig:
+    """Read and validate a config file; relative paths in it are relative to the file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
+    _resolve_paths(raw, path.resolve().parent)
+    try:
+        return NodeConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, [_format_error(err) for err in exc.errors()]) from exc
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    """Make file paths in the document absolute, relative to the config file's folder."""
+    locations = [("node", "data_dir"), ("tls", "certificate"), ("tls", "private_key"), ("tls", "ca_certificates")]
+    for section, key in locations:
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            table[key] = str(base / Path(table[key]).expanduser())
+
+
+def _format_error(err: dict) -> str:
+    """One line per error, led by its dotted key path (e.g. ``destinations[0].port``)."""
+    parts: list[str] = []
+    for loc in err["loc"]:
+        if isinstance(loc, int):
+            parts[-1:] = [f"{parts[-1]}[{loc}]"] if parts else [f"[{loc}]"]
+        else:
+            parts.append(str(loc))
+    key = ".".join(parts) or "(top level)"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}"

@@ -1,0 +1,122 @@
+"""The receiving AE: presentation contexts, TLS, the listening server and its orderly stop."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from dataclasses import dataclass, field
+
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, build_context
+from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import NodeConfig, TlsSection
+from node.db.database import Database
+from node.receiver.association import SenderGate, request_handler_for
+from node.receiver.handlers import ReceiverHandlers
+from node.receiver.storage import InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+def presentation_contexts(config: NodeConfig) -> list[PresentationContext]:
+    """Verification plus storage contexts, each accepting every transfer syntax pydicom knows,
+    so compressed images are stored exactly as sent. With ``other_sop_classes = "reject"``
+    only the stored classes are negotiated, so a sender learns before it sends."""
+    stored = list(config.storage.stored_sop_classes)
+    if config.storage.other_sop_classes == "ignore":
+        known = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
+        stored += [uid for uid in known if uid not in stored]
+    syntaxes = [str(uid) for uid in AllTransferSyntaxes]
+    return [build_context(Verification, syntaxes)] + [build_context(uid, syntaxes) for uid in stored]
+
+
+def tls_context(tls: TlsSection) -> ssl.SSLContext | None:
+    """Server-side TLS context, or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is None:  # config validation allows this only without client certificates
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context.load_verify_locations(cafile=str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    return context
+
+
+def sender_gate(config: NodeConfig) -> SenderGate:
+    """Resolve ``allowed_senders`` once; an empty list lets anyone in (and is logged loudly)."""
+    senders = config.node.allowed_senders
+    if not senders:
+        log.warning("allowed_senders is empty: any calling AE title from any address is accepted")
+    return SenderGate.from_rules([(s.ae_title, s.networks()) for s in senders])
+
+
+@dataclass
+class Receiver:
+    """A running C-ECHO/C-STORE SCP on the configured address."""
+
+    config: NodeConfig
+    db: Database
+    ae: AE = field(init=False)
+    store: InstanceStore = field(init=False)
+    _server: ThreadedAssociationServer | None = field(init=False, default=None)
+    _thread: threading.Thread | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        node = self.config.node
+        self.store = InstanceStore(
+            data_dir=node.data_dir,
+            database=self.db,
+            stored_sop_classes=set(self.config.storage.stored_sop_classes),
+            min_free_bytes=node.min_free_disk_mb * 1024 * 1024,
+        )
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu_size
+        ae.acse_timeout = node.acse_timeout_s
+        ae.dimse_timeout = node.dimse_timeout_s
+        ae.network_timeout = node.network_timeout_s
+        ae.require_called_aet = True
+        ae.supported_contexts = presentation_contexts(self.config)
+        self.ae = ae
+
+    def start(self) -> tuple[str, int]:
+        """Bind and serve in a background thread; returns the bound (host, port)."""
+        node = self.config.node
+        handlers = ReceiverHandlers(store=self.store, db=self.db)
+        self._server = self.ae.make_server(
+            (node.host, node.port),
+            ssl_context=tls_context(self.config.tls),
+            evt_handlers=handlers.bindings(),
+            server_class=ThreadedAssociationServer,
+            request_handler=request_handler_for(sender_gate(self.config)),
+        )
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="uad-node-scp", daemon=True)
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        log.info(
+            "listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else ""
+        )
+        return str(host), int(port)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``grace_s``), then close."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for assoc in server.active_associations:
+            assoc.join(timeout=grace_s)
+            if assoc.is_alive():
+                log.warning("association with %s still open after %.0f s: aborting", assoc.requestor.ae_title, grace_s)
+                assoc.abort()
+        log.info("receiver stopped")

@@ -1,0 +1,324 @@
+"""Durable storage of received instances: the file first, then the database row.
+
+The order is the whole point: a C-STORE is answered Success only after the
+file has been fsynced and renamed into place (and its directory fsynced) and
+the database transaction that records it has committed. Any failure on the
+way removes what was written and raises :class:`StoreRefused`, which the
+handler turns into a failure status so the sender keeps the image and retries.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.db import Event, Instance, Series, Study
+from node.db.database import Database
+from node.db.schema import utcnow
+from node.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# C-STORE failure statuses (PS3.4 Annex B.2.3)
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+class Outcome(enum.Enum):
+    """What a successful ``store`` did."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same bytes already held: nothing written
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: newest kept, replacement recorded
+    IGNORED = "ignored"  # SOP class not kept: acknowledged and recorded, no file
+
+
+class StoreRefused(Exception):
+    """The instance was not kept; ``status`` is the DIMSE failure status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent an instance (recorded with it, and in every event)."""
+
+    ae_title: str
+    host: str
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the node files an instance under, read from the received data set."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    instance_number: int | None = None
+
+    def check(self) -> None:
+        """Refuse anything whose UIDs could not safely become a path."""
+        for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid", "transfer_syntax_uid"):
+            value = getattr(self, name)
+            if not value:
+                raise StoreRefused(CANNOT_UNDERSTAND, f"missing {name}")
+            if not is_valid_uid(value):
+                raise StoreRefused(CANNOT_UNDERSTAND, f"invalid {name}")
+
+
+class InstanceStore:
+    """Writes instances under ``data_dir/studies/<study>/<series>/<sop>.dcm`` and records them.
+
+    Thread-safe: pynetdicom runs each association in its own thread.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        database: Database,
+        stored_sop_classes: set[str],
+        min_free_bytes: int,
+    ) -> None:
+        self.studies_dir = data_dir / "studies"
+        self.incoming_dir = data_dir / "incoming"
+        self.db = database
+        self.stored_sop_classes = stored_sop_classes
+        self.min_free_bytes = min_free_bytes
+        # One lock per SOP Instance UID stripe, so concurrent duplicates are decided one at a time.
+        self._locks = [threading.Lock() for _ in range(64)]
+        self.studies_dir.mkdir(parents=True, exist_ok=True)
+        self.incoming_dir.mkdir(parents=True, exist_ok=True)
+        self._remove_partial_files()
+
+    def _remove_partial_files(self) -> None:
+        """Temp files left by a crash were never acknowledged; the sender still has them."""
+        for leftover in self.incoming_dir.glob("*.tmp"):
+            leftover.unlink(missing_ok=True)
+            log.warning("removed partial file from an interrupted store: %s", leftover.name)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.incoming_dir).free
+
+    def has_room(self) -> bool:
+        """False when free space is below the configured floor (new images are refused)."""
+        return self.free_bytes() >= self.min_free_bytes
+
+    def store(self, header: InstanceHeader, encoded: bytes, caller: Caller) -> Outcome:
+        """Keep one instance durably (or record it as ignored); raise StoreRefused otherwise."""
+        header.check()
+        if header.sop_class_uid not in self.stored_sop_classes:
+            return self._record_ignored(header, encoded, caller)
+        if not self.has_room():
+            raise StoreRefused(OUT_OF_RESOURCES, "free disk space below min_free_disk_mb")
+        digest = hashlib.sha256(encoded).hexdigest()
+        lock = self._locks[hash(header.sop_instance_uid) % len(self._locks)]
+        with lock:
+            with self.db.session() as session:
+                existing = session.execute(
+                    select(Instance.id, Instance.sha256, Instance.path).where(
+                        Instance.sop_instance_uid == header.sop_instance_uid
+                    )
+                ).first()
+            if existing is not None and existing.sha256 == digest and existing.path:
+                return Outcome.DUPLICATE
+            path = self._write_file(header, encoded)
+            try:
+                self._record(header, caller, path, len(encoded), digest, existing)
+            except SQLAlchemyError as exc:
+                if existing is None:
+                    path.unlink(missing_ok=True)
+                log.error("database error while recording %s: %s", header.sop_instance_uid, exc)
+                raise StoreRefused(OUT_OF_RESOURCES, "database unavailable") from exc
+        return Outcome.STORED if existing is None else Outcome.REPLACED
+
+    def _write_file(self, header: InstanceHeader, encoded: bytes) -> Path:
+        """Temp file, fsync, rename into place, fsync the directory: all or nothing on disk."""
+        series_dir = self.studies_dir / header.study_uid / header.series_uid
+        target = series_dir / f"{header.sop_instance_uid}.dcm"
+        temp = self.incoming_dir / f"{uuid.uuid4().hex}.tmp"
+        try:
+            _make_dirs_durably(series_dir, self.studies_dir)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(encoded)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, target)
+            _fsync_dir(series_dir)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            log.error("cannot write %s: %s", header.sop_instance_uid, exc.strerror or exc)
+            raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}") from exc
+        return target
+
+    def _record(
+        self,
+        header: InstanceHeader,
+        caller: Caller,
+        path: Path,
+        size: int,
+        digest: str,
+        existing: object | None,
+    ) -> None:
+        """One transaction: study and series touched, instance inserted or replaced."""
+        now = utcnow()
+        with self.db.session.begin() as session:
+            series_id = self._series_id(session, header, now)
+            if existing is None:
+                session.add(
+                    Instance(
+                        series_id=series_id,
+                        sop_instance_uid=header.sop_instance_uid,
+                        sop_class_uid=header.sop_class_uid,
+                        transfer_syntax_uid=header.transfer_syntax_uid,
+                        instance_number=header.instance_number,
+                        stored=True,
+                        path=str(path),
+                        size_bytes=size,
+                        sha256=digest,
+                        calling_ae=caller.ae_title,
+                        calling_host=caller.host,
+                        received_at=now,
+                    )
+                )
+                return
+            session.execute(
+                update(Instance)
+                .where(Instance.sop_instance_uid == header.sop_instance_uid)
+                .values(
+                    stored=True,
+                    path=str(path),
+                    size_bytes=size,
+                    sha256=digest,
+                    transfer_syntax_uid=header.transfer_syntax_uid,
+                    calling_ae=caller.ae_title,
+                    calling_host=caller.host,
+                    received_at=now,
+                    replaced_count=Instance.replaced_count + 1,
+                )
+            )
+            session.add(
+                Event(
+                    kind="instance_replaced",
+                    calling_ae=caller.ae_title,
+                    calling_host=caller.host,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    detail=f"sha256 {getattr(existing, 'sha256', '')} -> {digest}",
+                )
+            )
+
+    def _series_id(self, session, header: InstanceHeader, now) -> int:  # type: ignore[no-untyped-def]
+        """Find or create the study and series rows, and mark both as just having received."""
+        series = session.execute(
+            select(Series.id, Series.study_id).where(Series.series_uid == header.series_uid)
+        ).first()
+        if series is not None:
+            session.execute(update(Series).where(Series.id == series.id).values(last_received_at=now))
+            session.execute(update(Study).where(Study.id == series.study_id).values(last_received_at=now))
+            return int(series.id)
+        study_id = session.execute(select(Study.id).where(Study.study_uid == header.study_uid)).scalar()
+        if study_id is None:
+            study = Study(study_uid=header.study_uid, first_received_at=now, last_received_at=now)
+            session.add(study)
+            session.flush()
+            study_id = study.id
+        else:
+            session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+        state, reason = "receiving", ""
+        if header.sop_class_uid not in self.stored_sop_classes:
+            state, reason = "ignored", f"SOP class {header.sop_class_uid} is not configured for storage"
+        new = Series(
+            study_id=study_id,
+            series_uid=header.series_uid,
+            modality=header.modality,
+            series_number=header.series_number,
+            description=header.series_description[:64],
+            state=state,
+            state_reason=reason,
+            first_received_at=now,
+            last_received_at=now,
+        )
+        session.add(new)
+        session.flush()
+        return int(new.id)
+
+    def _record_ignored(self, header: InstanceHeader, encoded: bytes, caller: Caller) -> Outcome:
+        """Acknowledge an instance of a class the node does not keep, and say so in the database."""
+        digest = hashlib.sha256(encoded).hexdigest()
+        now = utcnow()
+        try:
+            with self.db.session.begin() as session:
+                known = session.execute(
+                    select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)
+                ).first()
+                if known is None:
+                    session.add(
+                        Instance(
+                            series_id=self._series_id(session, header, now),
+                            sop_instance_uid=header.sop_instance_uid,
+                            sop_class_uid=header.sop_class_uid,
+                            transfer_syntax_uid=header.transfer_syntax_uid,
+                            instance_number=header.instance_number,
+                            stored=False,
+                            path=None,
+                            size_bytes=len(encoded),
+                            sha256=digest,
+                            calling_ae=caller.ae_title,
+                            calling_host=caller.host,
+                            received_at=now,
+                        )
+                    )
+        except SQLAlchemyError as exc:
+            log.error("database error while recording ignored %s: %s", header.sop_instance_uid, exc)
+            raise StoreRefused(OUT_OF_RESOURCES, "database unavailable") from exc
+        return Outcome.IGNORED
+
+
+def _make_dirs_durably(directory: Path, root: Path) -> None:
+    """Create missing directories below ``root`` and fsync each new entry's parent."""
+    if directory.is_dir():
+        return
+    missing: list[Path] = []
+    current = directory
+    while not current.is_dir() and current != root:
+        missing.append(current)
+        current = current.parent
+    for new_dir in reversed(missing):
+        try:
+            new_dir.mkdir()
+        except FileExistsError:
+            continue  # another association created it first
+        _fsync_dir(new_dir.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry in ``directory`` survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
