@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from node import __version__
@@ -77,14 +78,18 @@ def _status(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    db = open_database(config.node.effective_database_url(), migrate=False)
-    try:
-        studies = collect_status(db) if inspect(db.engine).has_table("series") else []
-    except SQLAlchemyError as exc:
-        print(f"cannot read the database: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        db.close()
+    url = make_url(config.node.effective_database_url())
+    studies = []
+    # A SQLite file that does not exist yet means nothing was received; do not create it here.
+    if url.get_backend_name() != "sqlite" or Path(url.database or "").exists():
+        db = open_database(str(url), migrate=False)
+        try:
+            studies = collect_status(db) if inspect(db.engine).has_table("series") else []
+        except SQLAlchemyError as exc:
+            print(f"cannot read the database: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            db.close()
     print(json.dumps(status_json(studies), indent=2) if args.json else status_text(studies))
     return 0
 

@@ -7,6 +7,7 @@ arguments; nothing reads the file or the environment behind their back.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -18,6 +19,7 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
 
 
 def _check_ae_title(value: str) -> str:
@@ -54,7 +56,7 @@ class AllowedSender(_Section):
             try:
                 ipaddress.ip_network(value, strict=False)
             except ValueError:
-                if not all(part.isalnum() or part == "-" for part in value.replace(".", " ").split()):
+                if not _HOST_NAME.fullmatch(value):
                     raise ValueError(f"{value!r} is neither an IP address, a network nor a host name") from None
         return value
 
@@ -75,7 +77,7 @@ class NodeSection(_Section):
     ae_title: str = "UADNODE"
     host: str = "127.0.0.1"
     port: Port = 11112
-    data_dir: Path = Path("./uad-data")
+    data_dir: Path = Field(Path("uad-data"), description="relative to the config file's folder")
     database_url: str = Field("", description="empty = SQLite file data_dir/uad-node.sqlite")
     allowed_senders: list[AllowedSender] = Field(default_factory=list)
     min_free_disk_mb: int = Field(1024, ge=0)
@@ -181,13 +183,14 @@ class NodeConfig(_Section):
     destinations: list[Destination] = Field(default_factory=list)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
-    @model_validator(mode="after")
-    def _unique_destinations(self) -> NodeConfig:
-        names = [d.name for d in self.destinations]
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destinations(cls, destinations: list[Destination]) -> list[Destination]:
+        names = [d.name for d in destinations]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"destination names must be unique: {dupes}")
-        return self
+        return destinations
 
 
 class ConfigError(Exception):
@@ -205,6 +208,8 @@ def load_config(path: Path) -> NodeConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, ["not a UTF-8 text file"]) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from exc
     _resolve_paths(raw, path.resolve().parent)
@@ -216,6 +221,8 @@ def load_config(path: Path) -> NodeConfig:
 
 def _resolve_paths(raw: dict, base: Path) -> None:
     """Make file paths in the document absolute, relative to the config file's folder."""
+    if isinstance(raw.get("node", {}), dict):
+        raw.setdefault("node", {}).setdefault("data_dir", str(NodeSection.model_fields["data_dir"].default))
     locations = [("node", "data_dir"), ("tls", "certificate"), ("tls", "private_key"), ("tls", "ca_certificates")]
     for section, key in locations:
         table = raw.get(section)

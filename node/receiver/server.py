@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socketserver
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, build_context
+from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -106,17 +109,35 @@ class Receiver:
         )
         return str(host), int(port)
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        """Stop accepting, let in-flight associations finish (up to ``grace_s``), then close."""
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting; stores in flight finish, later ones get a retryable 0xA700; then close.
+
+        Associations still open after ``grace_s`` (or never negotiated, e.g. a port probe)
+        are aborted: nothing they sent after the stop was acknowledged, so nothing is lost.
+        """
         if self._server is None:
             return
         server, self._server = self._server, None
-        server.shutdown()
+        self.store.close()
+        # pynetdicom's own shutdown() expects start_server(); stop the serve loop and close here.
+        socketserver.BaseServer.shutdown(server)
+        server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        deadline = time.monotonic() + grace_s
         for assoc in server.active_associations:
-            assoc.join(timeout=grace_s)
+            if assoc.is_established:
+                assoc.join(timeout=max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():
-                log.warning("association with %s still open after %.0f s: aborting", assoc.requestor.ae_title, grace_s)
-                assoc.abort()
+                _drop(assoc)
         log.info("receiver stopped")
+
+
+def _drop(assoc: Association) -> None:
+    """Abort an association. One still waiting for its A-ASSOCIATE-RQ (a port probe, a peer
+    that went away) would otherwise sit out the ACSE timeout: wake it as if that had expired."""
+    if assoc.is_established:
+        assoc.abort()
+    else:
+        assoc.dul.to_user_queue.put(None)
+    assoc.join(timeout=5)

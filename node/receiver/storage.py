@@ -105,6 +105,7 @@ class InstanceStore:
         self.min_free_bytes = min_free_bytes
         # One lock per SOP Instance UID stripe, so concurrent duplicates are decided one at a time.
         self._locks = [threading.Lock() for _ in range(64)]
+        self._closed = threading.Event()
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._remove_partial_files()
@@ -114,6 +115,10 @@ class InstanceStore:
         for leftover in self.incoming_dir.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
             log.warning("removed partial file from an interrupted store: %s", leftover.name)
+
+    def close(self) -> None:
+        """Refuse further instances (retryable), e.g. while the node shuts down."""
+        self._closed.set()
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.incoming_dir).free
@@ -125,6 +130,8 @@ class InstanceStore:
     def store(self, header: InstanceHeader, encoded: bytes, caller: Caller) -> Outcome:
         """Keep one instance durably (or record it as ignored); raise StoreRefused otherwise."""
         header.check()
+        if self._closed.is_set():
+            raise StoreRefused(OUT_OF_RESOURCES, "node is shutting down")
         if header.sop_class_uid not in self.stored_sop_classes:
             return self._record_ignored(header, encoded, caller)
         if not self.has_room():

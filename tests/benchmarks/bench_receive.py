@@ -18,23 +18,23 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_COMMAND = REPO_ROOT / ".venv" / "bin" / "uad-node"
@@ -46,7 +46,9 @@ START_TIMEOUT_S = 30.0  # a receiver that is not listening by then counts as fai
 STOP_GRACE_S = 10.0  # SIGTERM first, SIGKILL after this
 SEND_TIMEOUT_S = 600.0  # far above any expected send; only guards against a hung association
 STORED_TIMEOUT_S = 10.0  # lets a receiver that files asynchronously finish before counting
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}  # the benchmark compares receivers, not Nagle delays
+# storescu, storescp and Orthanc all use DCMTK's network layer; with Nagle left on, Orthanc measured
+# ~45 ms per instance whatever its size, i.e. delayed-ACK stalls, not receive work.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Receiver:
     ae_title: str
     port: int
     count_stored: Callable[[], int]
-    command: list[str]
+    command: str  # as a shell line, with its environment, for the report
 
 
 @dataclass(frozen=True)
@@ -104,13 +106,11 @@ class ReceiverUnavailable(Exception):
 # --- synthetic data ---------------------------------------------------------------------------
 
 
-def mr_slice(
-    study_uid: str, series_uid: str, frame_uid: str, index: int, size: int, pixels: np.ndarray
-) -> Dataset:
+def mr_slice(study_uid: str, series_uid: str, frame_uid: str, index: int, size: int, pixels: np.ndarray) -> Dataset:
     """One axial MR slice with the attributes a receiver files and indexes on (PS3.3 A.4)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
     ds.SOPClassUID = MRImageStorage
     ds.SOPInstanceUID = generate_uid()
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20240101"
@@ -120,6 +120,8 @@ def mr_slice(
     ds.Manufacturer = "UAD-NODE BENCHMARK"
     ds.ReferringPhysicianName = ""
     ds.SeriesDescription = f"BENCH {size}x{size}"
+    ds.BodyPartExamined = "BRAIN"
+    ds.PatientPosition = "HFS"
     ds.PatientName = "BENCH^PATIENT"
     ds.PatientID = "BENCH-0001"
     ds.PatientBirthDate = ""
@@ -226,10 +228,11 @@ def accepts_tcp(port: int) -> Callable[[], bool]:
     return probe
 
 
-def http_json(url: str) -> dict:
-    """GET a JSON document (Orthanc's REST API), with a short timeout."""
+def http_json(url: str) -> dict[str, Any]:
+    """GET a JSON object (Orthanc's REST API), with a short timeout."""
     with urllib.request.urlopen(url, timeout=5.0) as response:
-        return json.loads(response.read())
+        document: dict[str, Any] = json.loads(response.read())
+        return document
 
 
 @contextmanager
@@ -273,7 +276,8 @@ def node_receiver(workdir: Path) -> Iterator[Receiver]:
     log = workdir / "node.log"
     with server(command, log) as process:
         wait_until(accepts_tcp(port), process, log, "uad-node")
-        yield Receiver("node", "UADNODE", port, lambda: count_files(data_dir / "studies", "*.dcm"), command)
+        count = partial(count_files, data_dir / "studies", "*.dcm")
+        yield Receiver("node", "UADNODE", port, count, shlex.join(command))
 
 
 @contextmanager
@@ -286,7 +290,13 @@ def storescp_receiver(workdir: Path) -> Iterator[Receiver]:
     log = workdir / "storescp.log"
     with server(command, log, env=DCMTK_ENV) as process:
         wait_until(accepts_tcp(port), process, log, "storescp")
-        yield Receiver("storescp", "STORESCP", port, lambda: count_files(output), command)
+        count = partial(count_files, output)
+        yield Receiver("storescp", "STORESCP", port, count, f"TCP_NODELAY=1 {shlex.join(command)}")
+
+
+def count_orthanc_instances(base_url: str) -> int:
+    """Instances in Orthanc's index, which it updates before answering each C-STORE."""
+    return int(http_json(f"{base_url}/statistics")["CountInstances"])
 
 
 @contextmanager
@@ -324,28 +334,25 @@ def orthanc_receiver(workdir: Path) -> Iterator[Receiver]:
             return False
 
     log = workdir / "orthanc.log"
-    with server(command, log) as process:
+    with server(command, log, env=DCMTK_ENV) as process:
         wait_until(answers_http, process, log, "Orthanc")
         wait_until(accepts_tcp(dicom_port), process, log, "Orthanc DICOM port")
-        yield Receiver(
-            "Orthanc", "ORTHANC", dicom_port, lambda: int(http_json(f"{base_url}/statistics")["CountInstances"]), command
-        )
+        count = partial(count_orthanc_instances, base_url)
+        yield Receiver("Orthanc", "ORTHANC", dicom_port, count, f"TCP_NODELAY=1 {shlex.join(command)}")
 
 
 # --- sending and reporting --------------------------------------------------------------------
 
 
-def storescu_command(receiver: Receiver, series: GeneratedSeries) -> list[str]:
+def storescu_command(called_ae: str, port: str, directory: str) -> list[str]:
     """One association, every file of the series, explicit VR little endian proposed first."""
     return [
         "storescu",
         "-aet", CALLING_AET,
-        "-aec", receiver.ae_title,
+        "-aec", called_ae,
         "--propose-little",
         "--scan-directories",
-        LOOPBACK,
-        str(receiver.port),
-        str(series.directory),
+        LOOPBACK, port, directory,
     ]  # fmt: skip
 
 
@@ -362,7 +369,7 @@ def wait_for_count(receiver: Receiver, expected: int) -> int:
 def send_series(receiver: Receiver, series: GeneratedSeries) -> SendResult:
     """Time one storescu run (wall clock) and check the receiver kept every instance."""
     before = receiver.count_stored()
-    command = storescu_command(receiver, series)
+    command = storescu_command(receiver.ae_title, str(receiver.port), str(series.directory))
     start = time.perf_counter()
     try:
         done = subprocess.run(command, env=DCMTK_ENV, capture_output=True, text=True, timeout=SEND_TIMEOUT_S)
@@ -380,10 +387,9 @@ def send_series(receiver: Receiver, series: GeneratedSeries) -> SendResult:
 
 def machine_facts() -> list[str]:
     """What the figures depend on, so runs on different machines are not compared blindly."""
-    cpu_model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-        platform.processor() or "unknown",
-    )
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    cpu_model = models[0] if models else platform.processor() or "unknown"
     dcmtk = subprocess.run(["storescu", "--version"], capture_output=True, text=True).stdout.splitlines()
     orthanc = subprocess.run([ORTHANC_COMMAND, "--version"], capture_output=True, text=True).stdout.splitlines()
     return [
@@ -391,7 +397,7 @@ def machine_facts() -> list[str]:
         f"cpu: {cpu_model}",
         f"kernel: {platform.platform()}",
         f"python: {platform.python_version()}",
-        f"dcmtk: {dcmtk[0].strip('$ ') if dcmtk else 'unknown'}",
+        f"dcmtk: {dcmtk[0].removeprefix('$dcmtk: ').rstrip(' $') if dcmtk else 'unknown'}",
         f"orthanc: {orthanc[0] if orthanc else 'unknown'}",
     ]
 
@@ -402,7 +408,8 @@ def format_table(results: list[SendResult], unavailable: dict[str, str], series:
         f"{'set':<22} {'receiver':<9} {'instances':>9} {'seconds':>8} {'inst/s':>9} {'MB/s':>8}  status",
         "-" * 78,
     ]
-    for result in results:
+    order = {name: rank for rank, name in enumerate(RECEIVERS)}
+    for result in sorted(results, key=lambda r: (r.series.spec.name, order[r.receiver])):
         spec = result.series.spec
         label = f"{spec.name} {spec.slices}x{spec.size}^2"
         status = f"FAILED: {result.error}" if result.error else "ok"
@@ -425,8 +432,12 @@ def format_table(results: list[SendResult], unavailable: dict[str, str], series:
     return "\n".join(lines)
 
 
+RECEIVERS = {"node": node_receiver, "storescp": storescp_receiver, "Orthanc": orthanc_receiver}
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Generate the sets, send each to every receiver in turn (one running at a time), report."""
+    parser = argparse.ArgumentParser(description="Receive throughput: uad-node vs storescp vs Orthanc.")
     parser.add_argument("--quick", action="store_true", help="100 and 400 slices instead of 500 and 2000")
     args = parser.parse_args()
 
@@ -434,7 +445,6 @@ def main() -> int:
         SeriesSpec("A", 100 if args.quick else 500, 512),
         SeriesSpec("B", 400 if args.quick else 2000, 64),
     ]
-    receivers = {"node": node_receiver, "storescp": storescp_receiver, "Orthanc": orthanc_receiver}
     results: list[SendResult] = []
     unavailable: dict[str, str] = {}
     commands: list[str] = []
@@ -452,12 +462,12 @@ def main() -> int:
                 flush=True,
             )
 
-        for name, start_receiver in receivers.items():
+        for name, start_receiver in RECEIVERS.items():
             workdir = root / name
             workdir.mkdir()
             try:
                 with start_receiver(workdir) as receiver:
-                    commands.append(f"{name}: {shlex.join(receiver.command)}")
+                    commands.append(f"{name}: {receiver.command}")
                     for generated in series:
                         result = send_series(receiver, generated)
                         results.append(result)
@@ -477,7 +487,7 @@ def main() -> int:
     print("commands:")
     for line in commands:
         print(f"  {line}")
-    print(f"  send: TCP_NODELAY=1 storescu -aet {CALLING_AET} -aec <AE> --propose-little --scan-directories {LOOPBACK} <port> <set dir>")
+    print(f"  send: TCP_NODELAY=1 {' '.join(storescu_command('<AE>', '<port>', '<set dir>'))}")
     print("  MB = 10^6 bytes of DICOM files sent; times are the wall clock of one storescu run")
     print()
     print(format_table(results, unavailable, series))
