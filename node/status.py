@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 
 from sqlalchemy import func, select
 
@@ -30,17 +31,23 @@ class StudyStatus:
 def collect_status(db: Database) -> list[StudyStatus]:
     """Every study with its series, oldest first, in one query."""
     counts = (
-        select(Instance.series_id, func.count(Instance.id).label("n")).group_by(Instance.series_id).subquery()
+        select(
+            Instance.series_id,
+            func.count(Instance.id).label("n"),
+            func.max(Instance.received_at).label("last"),
+        )
+        .group_by(Instance.series_id)
+        .subquery()
     )
     with db.session() as session:
         rows = session.execute(
-            select(Study.study_uid, Series, func.coalesce(counts.c.n, 0))
+            select(Study.study_uid, Series, func.coalesce(counts.c.n, 0), counts.c.last)
             .join(Series, Series.study_id == Study.id)
             .outerjoin(counts, counts.c.series_id == Series.id)
             .order_by(Study.id, Series.id)
         )
         studies: dict[str, list[SeriesStatus]] = {}
-        for study_uid, series, count in rows:
+        for study_uid, series, count, last in rows:
             studies.setdefault(study_uid, []).append(
                 SeriesStatus(
                     series_uid=series.series_uid,
@@ -49,7 +56,7 @@ def collect_status(db: Database) -> list[StudyStatus]:
                     state=series.state,
                     reason=series.state_reason,
                     description=series.description,
-                    last_received_at=series.last_received_at.isoformat(),
+                    last_received_at=_utc_iso(last),
                 )
             )
     return [StudyStatus(study_uid=uid, series=series) for uid, series in studies.items()]
@@ -71,3 +78,12 @@ def status_text(studies: list[StudyStatus]) -> str:
             reason = f"  ({s.reason})" if s.reason else ""
             lines.append(f"  {s.series_uid}  {s.modality or '-':<4} {s.instances:>5} instances  {s.state}{reason}")
     return "\n".join(lines)
+
+
+def _utc_iso(value: datetime | str | None) -> str:
+    """Aggregates bypass the column type, so SQLite hands back a naive string: read it as UTC."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -43,7 +43,6 @@ class Study(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
 
@@ -61,7 +60,6 @@ class Series(Base):
     state: Mapped[str] = mapped_column(String(32), default="receiving")
     state_reason: Mapped[str] = mapped_column(Text, default="")
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    last_received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -71,7 +69,7 @@ class Instance(Base):
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"))
     sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
     transfer_syntax_uid: Mapped[str] = mapped_column(UID)
@@ -87,6 +85,9 @@ class Instance(Base):
     replaced_count: Mapped[int] = mapped_column(Integer, default=0)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+    # "When did this series last receive an image" (quiet-period completion) is answered here.
+    __table_args__ = (Index("ix_instances_series_received", "series_id", "received_at"),)
 
 
 class Event(Base):

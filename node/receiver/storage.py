@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Connection, Row, insert, select, update
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from node.db import Event, Instance, Series, Study
 from node.db.database import Database
@@ -28,6 +28,8 @@ from node.db.schema import utcnow
 from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
+
+_STUDIES, _SERIES, _INSTANCES, _EVENTS = (m.__table__ for m in (Study, Series, Instance, Event))
 
 # C-STORE failure statuses (PS3.4 Annex B.2.3)
 OUT_OF_RESOURCES = 0xA700
@@ -106,6 +108,8 @@ class InstanceStore:
         # One lock per SOP Instance UID stripe, so concurrent duplicates are decided one at a time.
         self._locks = [threading.Lock() for _ in range(64)]
         self._closed = threading.Event()
+        # series UID -> row id; rows are never deleted while the node runs.
+        self._series_ids: dict[str, int] = {}
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
         self._remove_partial_files()
@@ -132,30 +136,38 @@ class InstanceStore:
         header.check()
         if self._closed.is_set():
             raise StoreRefused(OUT_OF_RESOURCES, "node is shutting down")
-        if header.sop_class_uid not in self.stored_sop_classes:
-            return self._record_ignored(header, encoded, caller)
-        if not self.has_room():
+        keep = header.sop_class_uid in self.stored_sop_classes
+        if keep and not self.has_room():
             raise StoreRefused(OUT_OF_RESOURCES, "free disk space below min_free_disk_mb")
         digest = hashlib.sha256(encoded).hexdigest()
-        lock = self._locks[hash(header.sop_instance_uid) % len(self._locks)]
-        with lock:
-            with self.db.session() as session:
-                existing = session.execute(
-                    select(Instance.id, Instance.sha256, Instance.path).where(
-                        Instance.sop_instance_uid == header.sop_instance_uid
-                    )
-                ).first()
-            if existing is not None and existing.sha256 == digest and existing.path:
-                return Outcome.DUPLICATE
-            path = self._write_file(header, encoded)
+        with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
+            try:
+                existing = self._existing(header.sop_instance_uid)
+            except SQLAlchemyError as exc:
+                raise self._database_failure(header, exc) from exc
+            if existing is not None and (existing.sha256 == digest or not keep):
+                return Outcome.DUPLICATE if keep else Outcome.IGNORED
+            path = self._write_file(header, encoded) if keep else None
             try:
                 self._record(header, caller, path, len(encoded), digest, existing)
             except SQLAlchemyError as exc:
-                if existing is None:
+                if path is not None and existing is None:
                     path.unlink(missing_ok=True)
-                log.error("database error while recording %s: %s", header.sop_instance_uid, exc)
-                raise StoreRefused(OUT_OF_RESOURCES, "database unavailable") from exc
+                raise self._database_failure(header, exc) from exc
+        if not keep:
+            return Outcome.IGNORED
         return Outcome.STORED if existing is None else Outcome.REPLACED
+
+    def _existing(self, sop_instance_uid: str) -> Row | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(
+                select(_INSTANCES.c.id, _INSTANCES.c.sha256).where(_INSTANCES.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+
+    @staticmethod
+    def _database_failure(header: InstanceHeader, exc: SQLAlchemyError) -> StoreRefused:
+        log.error("database error while recording %s: %s", header.sop_instance_uid, exc)
+        return StoreRefused(OUT_OF_RESOURCES, "database unavailable")
 
     def _write_file(self, header: InstanceHeader, encoded: bytes) -> Path:
         """Temp file, fsync, rename into place, fsync the directory: all or nothing on disk."""
@@ -184,125 +196,90 @@ class InstanceStore:
         self,
         header: InstanceHeader,
         caller: Caller,
-        path: Path,
+        path: Path | None,
         size: int,
         digest: str,
-        existing: object | None,
+        existing: Row | None,
     ) -> None:
-        """One transaction: study and series touched, instance inserted or replaced."""
-        now = utcnow()
-        with self.db.session.begin() as session:
-            series_id = self._series_id(session, header, now)
-            if existing is None:
-                session.add(
-                    Instance(
-                        series_id=series_id,
-                        sop_instance_uid=header.sop_instance_uid,
-                        sop_class_uid=header.sop_class_uid,
-                        transfer_syntax_uid=header.transfer_syntax_uid,
-                        instance_number=header.instance_number,
-                        stored=True,
-                        path=str(path),
-                        size_bytes=size,
-                        sha256=digest,
-                        calling_ae=caller.ae_title,
-                        calling_host=caller.host,
-                        received_at=now,
-                    )
-                )
-                return
-            session.execute(
-                update(Instance)
-                .where(Instance.sop_instance_uid == header.sop_instance_uid)
-                .values(
-                    stored=True,
-                    path=str(path),
-                    size_bytes=size,
-                    sha256=digest,
-                    transfer_syntax_uid=header.transfer_syntax_uid,
-                    calling_ae=caller.ae_title,
-                    calling_host=caller.host,
-                    received_at=now,
-                    replaced_count=Instance.replaced_count + 1,
-                )
-            )
-            session.add(
-                Event(
-                    kind="instance_replaced",
-                    calling_ae=caller.ae_title,
-                    calling_host=caller.host,
-                    study_uid=header.study_uid,
-                    series_uid=header.series_uid,
-                    sop_instance_uid=header.sop_instance_uid,
-                    detail=f"sha256 {getattr(existing, 'sha256', '')} -> {digest}",
-                )
-            )
+        """One transaction: the instance inserted (or replaced, with an audit event).
 
-    def _series_id(self, session, header: InstanceHeader, now) -> int:  # type: ignore[no-untyped-def]
-        """Find or create the study and series rows, and mark both as just having received."""
-        series = session.execute(
-            select(Series.id, Series.study_id).where(Series.series_uid == header.series_uid)
-        ).first()
-        if series is not None:
-            session.execute(update(Series).where(Series.id == series.id).values(last_received_at=now))
-            session.execute(update(Study).where(Study.id == series.study_id).values(last_received_at=now))
-            return int(series.id)
-        study_id = session.execute(select(Study.id).where(Study.study_uid == header.study_uid)).scalar()
-        if study_id is None:
-            study = Study(study_uid=header.study_uid, first_received_at=now, last_received_at=now)
-            session.add(study)
-            session.flush()
-            study_id = study.id
-        else:
-            session.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-        state, reason = "receiving", ""
-        if header.sop_class_uid not in self.stored_sop_classes:
-            state, reason = "ignored", f"SOP class {header.sop_class_uid} is not configured for storage"
-        new = Series(
-            study_id=study_id,
-            series_uid=header.series_uid,
-            modality=header.modality,
-            series_number=header.series_number,
-            description=header.series_description[:64],
-            state=state,
-            state_reason=reason,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        session.add(new)
-        session.flush()
-        return int(new.id)
-
-    def _record_ignored(self, header: InstanceHeader, encoded: bytes, caller: Caller) -> Outcome:
-        """Acknowledge an instance of a class the node does not keep, and say so in the database."""
-        digest = hashlib.sha256(encoded).hexdigest()
-        now = utcnow()
-        try:
-            with self.db.session.begin() as session:
-                known = session.execute(
-                    select(Instance.id).where(Instance.sop_instance_uid == header.sop_instance_uid)
-                ).first()
-                if known is None:
-                    session.add(
-                        Instance(
-                            series_id=self._series_id(session, header, now),
-                            sop_instance_uid=header.sop_instance_uid,
-                            sop_class_uid=header.sop_class_uid,
-                            transfer_syntax_uid=header.transfer_syntax_uid,
-                            instance_number=header.instance_number,
-                            stored=False,
-                            path=None,
-                            size_bytes=len(encoded),
-                            sha256=digest,
-                            calling_ae=caller.ae_title,
-                            calling_host=caller.host,
-                            received_at=now,
+        Core statements, not the ORM: this runs once per received image and the ORM's
+        unit of work cost more than the fsyncs.
+        """
+        values = {
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+            "instance_number": header.instance_number,
+            "stored": path is not None,
+            "path": str(path) if path is not None else None,
+            "size_bytes": size,
+            "sha256": digest,
+            "calling_ae": caller.ae_title,
+            "calling_host": caller.host,
+            "received_at": utcnow(),
+        }
+        for attempt in range(3):
+            try:
+                with self.db.engine.begin() as conn:
+                    series_id = self._series_id(conn, header)
+                    if existing is None:
+                        conn.execute(
+                            insert(_INSTANCES).values(
+                                series_id=series_id, sop_instance_uid=header.sop_instance_uid, **values
+                            )
                         )
-                    )
-        except SQLAlchemyError as exc:
-            log.error("database error while recording ignored %s: %s", header.sop_instance_uid, exc)
-            raise StoreRefused(OUT_OF_RESOURCES, "database unavailable") from exc
-        return Outcome.IGNORED
+                    else:
+                        conn.execute(
+                            update(_INSTANCES)
+                            .where(_INSTANCES.c.id == existing.id)
+                            .values(replaced_count=_INSTANCES.c.replaced_count + 1, **values)
+                        )
+                        conn.execute(
+                            insert(_EVENTS).values(
+                                at=values["received_at"],
+                                kind="instance_replaced",
+                                calling_ae=caller.ae_title,
+                                calling_host=caller.host,
+                                study_uid=header.study_uid,
+                                series_uid=header.series_uid,
+                                sop_instance_uid=header.sop_instance_uid,
+                                detail=f"sha256 {existing.sha256} -> {digest}",
+                            )
+                        )
+            except IntegrityError:
+                # Another association created the same study or series a moment ago: look again.
+                if attempt == 2:
+                    raise
+                continue
+            self._series_ids[header.series_uid] = series_id  # only once committed
+            return
+
+    def _series_id(self, conn: Connection, header: InstanceHeader) -> int:
+        """The series row's id, creating study and series rows on first sight (ids are cached)."""
+        cached = self._series_ids.get(header.series_uid)
+        if cached is not None:
+            return cached
+        series_id = conn.execute(select(_SERIES.c.id).where(_SERIES.c.series_uid == header.series_uid)).scalar()
+        if series_id is None:
+            study_id = conn.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == header.study_uid)).scalar()
+            if study_id is None:
+                study_id = conn.execute(
+                    insert(_STUDIES).values(study_uid=header.study_uid, first_received_at=utcnow())
+                ).inserted_primary_key[0]
+            ignored = header.sop_class_uid not in self.stored_sop_classes
+            series_id = conn.execute(
+                insert(_SERIES).values(
+                    study_id=study_id,
+                    series_uid=header.series_uid,
+                    modality=header.modality[:16],
+                    series_number=header.series_number,
+                    description=header.series_description[:64],
+                    state="ignored" if ignored else "receiving",
+                    state_reason=f"SOP class {header.sop_class_uid} is not configured for storage" if ignored else "",
+                    first_received_at=utcnow(),
+                )
+            ).inserted_primary_key[0]
+        return int(series_id)
 
 
 def _make_dirs_durably(directory: Path, root: Path) -> None:

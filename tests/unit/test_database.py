@@ -145,7 +145,7 @@ def test_default_timestamps_read_back_timezone_aware_utc(db: Database) -> None:
     with db.session() as session:
         study = session.scalars(select(Study)).one()
         instance = session.scalars(select(Instance)).one()
-        for value in (study.first_received_at, study.last_received_at, instance.received_at):
+        for value in (study.first_received_at, instance.received_at):
             assert value.tzinfo is not None
             assert value.utcoffset() == timedelta(0)
             assert before - timedelta(seconds=1) <= value <= after + timedelta(seconds=1)
@@ -155,7 +155,7 @@ def test_aware_non_utc_timestamp_keeps_its_instant(db: Database) -> None:
     """A timestamp written with another offset reads back as the same instant, expressed in UTC."""
     written = datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
     with db.session() as session:
-        session.add(Study(study_uid=STUDY_UID, first_received_at=written, last_received_at=written))
+        session.add(Study(study_uid=STUDY_UID, first_received_at=written))
         session.commit()
     with db.session() as session:
         read = session.scalars(select(Study)).one().first_received_at

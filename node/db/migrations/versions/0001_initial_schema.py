@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-24 19:00:38.781636
+Create Date: 2026-11-24 19:18:12.342351
 """
 
 from alembic import op
@@ -36,7 +36,6 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_uid', sa.String(length=64), nullable=False),
     sa.Column('first_received_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('last_received_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('study_uid')
     )
@@ -50,7 +49,6 @@ def upgrade() -> None:
     sa.Column('state', sa.String(length=32), nullable=False),
     sa.Column('state_reason', sa.Text(), nullable=False),
     sa.Column('first_received_at', sa.DateTime(timezone=True), nullable=False),
-    sa.Column('last_received_at', sa.DateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['study_id'], ['studies.id'], ),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('series_uid')
@@ -78,13 +76,13 @@ def upgrade() -> None:
     sa.UniqueConstraint('sop_instance_uid')
     )
     with op.batch_alter_table('instances', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_instances_series_id'), ['series_id'], unique=False)
+        batch_op.create_index('ix_instances_series_received', ['series_id', 'received_at'], unique=False)
 
 
 
 def downgrade() -> None:
     with op.batch_alter_table('instances', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_instances_series_id'))
+        batch_op.drop_index('ix_instances_series_received')
 
     op.drop_table('instances')
     with op.batch_alter_table('series', schema=None) as batch_op:
