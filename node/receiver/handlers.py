@@ -9,21 +9,19 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from io import BytesIO
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import evt
 from pynetdicom.events import Event as NetEvent
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.db import Event
 from node.db.database import Database
+from node.receiver.part10 import InstanceHeader, read_header
 from node.receiver.storage import (
     CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
     Caller,
-    InstanceHeader,
     InstanceStore,
     Outcome,
     StoreRefused,
@@ -31,18 +29,6 @@ from node.receiver.storage import (
 from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
-
-_HEADER_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-]
-
 
 def caller_of(event: NetEvent) -> Caller:
     """The calling AE title and peer address of the event's association."""
@@ -69,7 +55,7 @@ class ReceiverHandlers:
         ]
 
     def on_echo(self, event: NetEvent) -> int:
-        """C-ECHO: Success, unless the node cannot take images (then Out of Resources says so)."""
+        """C-ECHO: Success (Verification says the node is reachable, not that it has room)."""
         return 0x0000
 
     def on_store(self, event: NetEvent) -> Dataset:
@@ -79,10 +65,12 @@ class ReceiverHandlers:
         status = Dataset()
         header: InstanceHeader | None = None
         try:
-            encoded = event.encoded_dataset(include_meta=True)
-            header = read_header(encoded, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
-            outcome = self.store.store(header, encoded, caller)
-        except StoreRefused as refused:
+            dataset = request.DataSet.getbuffer()
+            header = read_header(dataset, str(event.context.transfer_syntax))
+            _check_against_request(header, request)
+            outcome = self.store.store(header, dataset, caller)
+        except (StoreRefused, ValueError) as exc:
+            refused = exc if isinstance(exc, StoreRefused) else StoreRefused(CANNOT_UNDERSTAND, str(exc))
             status.Status = refused.status
             status.ErrorComment = refused.reason[:64]
             log.warning(
@@ -151,30 +139,12 @@ class ReceiverHandlers:
             log.error("cannot record %s event: %s", kind, exc)
 
 
-def read_header(encoded: bytes, request_sop_class: str, request_sop_instance: str) -> InstanceHeader:
-    """Parse just the filing attributes; pixel data is neither decoded nor copied."""
-    try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        header = InstanceHeader(
-            sop_class_uid=str(ds.get("SOPClassUID", "")),
-            sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-            study_uid=str(ds.get("StudyInstanceUID", "")),
-            series_uid=str(ds.get("SeriesInstanceUID", "")),
-            transfer_syntax_uid=transfer_syntax,
-            modality=str(ds.get("Modality", "") or ""),
-            series_number=_int_or_none(ds.get("SeriesNumber")),
-            series_description=str(ds.get("SeriesDescription", "") or ""),
-            instance_number=_int_or_none(ds.get("InstanceNumber")),
-        )
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from exc
-    header.check()
-    if header.sop_instance_uid != str(request_sop_instance):
+def _check_against_request(header: InstanceHeader, request: object) -> None:
+    """The data set must be the instance the C-STORE request announced."""
+    if header.sop_instance_uid != str(getattr(request, "AffectedSOPInstanceUID", "")):
         raise StoreRefused(CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request")
-    if header.sop_class_uid != str(request_sop_class):
-        raise StoreRefused(0xA900, "SOP Class UID differs from the C-STORE request")
-    return header
+    if header.sop_class_uid != str(getattr(request, "AffectedSOPClassUID", "")):
+        raise StoreRefused(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request")
 
 
 def set_tcp_nodelay(event: NetEvent) -> None:
@@ -182,13 +152,6 @@ def set_tcp_nodelay(event: NetEvent) -> None:
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _int_or_none(value: object) -> int | None:
-    try:
-        return int(value) if value not in (None, "") else None  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
 
 
 def _safe_uid(value: object) -> str:

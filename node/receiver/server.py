@@ -16,6 +16,7 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import NodeConfig, TlsSection
 from node.db.database import Database
 from node.receiver.association import SenderGate, request_handler_for
@@ -80,6 +81,8 @@ class Receiver:
             min_free_bytes=node.min_free_disk_mb * 1024 * 1024,
         )
         ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = node.max_associations
         ae.maximum_pdu_size = node.max_pdu_size
         ae.acse_timeout = node.acse_timeout_s

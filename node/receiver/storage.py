@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from node.db import Event, Instance, Series, Study
 from node.db.database import Database
 from node.db.schema import utcnow
-from node.uids import is_valid_uid
+from node.receiver.part10 import InstanceHeader, file_meta
 
 log = logging.getLogger(__name__)
 
@@ -63,43 +63,13 @@ class Caller:
     host: str
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    """The attributes the node files an instance under, read from the received data set."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_uid: str
-    series_uid: str
-    transfer_syntax_uid: str
-    modality: str = ""
-    series_number: int | None = None
-    series_description: str = ""
-    instance_number: int | None = None
-
-    def check(self) -> None:
-        """Refuse anything whose UIDs could not safely become a path."""
-        for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid", "transfer_syntax_uid"):
-            value = getattr(self, name)
-            if not value:
-                raise StoreRefused(CANNOT_UNDERSTAND, f"missing {name}")
-            if not is_valid_uid(value):
-                raise StoreRefused(CANNOT_UNDERSTAND, f"invalid {name}")
-
-
 class InstanceStore:
     """Writes instances under ``data_dir/studies/<study>/<series>/<sop>.dcm`` and records them.
 
     Thread-safe: pynetdicom runs each association in its own thread.
     """
 
-    def __init__(
-        self,
-        data_dir: Path,
-        database: Database,
-        stored_sop_classes: set[str],
-        min_free_bytes: int,
-    ) -> None:
+    def __init__(self, data_dir: Path, database: Database, stored_sop_classes: set[str], min_free_bytes: int) -> None:
         self.studies_dir = data_dir / "studies"
         self.incoming_dir = data_dir / "incoming"
         self.db = database
@@ -108,15 +78,12 @@ class InstanceStore:
         # One lock per SOP Instance UID stripe, so concurrent duplicates are decided one at a time.
         self._locks = [threading.Lock() for _ in range(64)]
         self._closed = threading.Event()
-        # series UID -> row id; rows are never deleted while the node runs.
+        # series UID -> row id, filled after commit; rows are never deleted while the node runs.
         self._series_ids: dict[str, int] = {}
         self.studies_dir.mkdir(parents=True, exist_ok=True)
         self.incoming_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_partial_files()
-
-    def _remove_partial_files(self) -> None:
-        """Temp files left by a crash were never acknowledged; the sender still has them."""
         for leftover in self.incoming_dir.glob("*.tmp"):
+            # Left by a crash mid-store: never acknowledged, so the sender still has it.
             leftover.unlink(missing_ok=True)
             log.warning("removed partial file from an interrupted store: %s", leftover.name)
 
@@ -124,150 +91,155 @@ class InstanceStore:
         """Refuse further instances (retryable), e.g. while the node shuts down."""
         self._closed.set()
 
-    def free_bytes(self) -> int:
-        return shutil.disk_usage(self.incoming_dir).free
-
     def has_room(self) -> bool:
         """False when free space is below the configured floor (new images are refused)."""
-        return self.free_bytes() >= self.min_free_bytes
+        return shutil.disk_usage(self.incoming_dir).free >= self.min_free_bytes
 
-    def store(self, header: InstanceHeader, encoded: bytes, caller: Caller) -> Outcome:
-        """Keep one instance durably (or record it as ignored); raise StoreRefused otherwise."""
-        header.check()
+    def store(self, header: InstanceHeader, dataset: bytes | memoryview, caller: Caller) -> Outcome:
+        """Keep one instance durably (or record it as ignored); raise StoreRefused otherwise.
+
+        ``dataset`` is the data set as received (no file meta); the file gets a fresh
+        PS3.10 header naming the calling AE as source.
+        """
+        bad = header.invalid_uid()
+        if bad is not None:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"missing or invalid {bad}")
         if self._closed.is_set():
             raise StoreRefused(OUT_OF_RESOURCES, "node is shutting down")
         keep = header.sop_class_uid in self.stored_sop_classes
         if keep and not self.has_room():
             raise StoreRefused(OUT_OF_RESOURCES, "free disk space below min_free_disk_mb")
-        digest = hashlib.sha256(encoded).hexdigest()
+        meta = file_meta(header.sop_class_uid, header.sop_instance_uid, header.transfer_syntax_uid, caller.ae_title)
+        digest = hashlib.sha256(dataset).hexdigest()  # of the data set: the same image re-sent matches
+        target = self.studies_dir / header.study_uid / header.series_uid / f"{header.sop_instance_uid}.dcm"
+        size = len(meta) + len(dataset)
         with self._locks[hash(header.sop_instance_uid) % len(self._locks)]:
             try:
+                # Fast path: a new instance is one INSERT. Anything else meets the unique UID.
+                if not target.exists():
+                    path = self._write_file(target, meta, dataset) if keep else None
+                    try:
+                        self._insert(header, caller, path, size, digest)
+                        return Outcome.STORED if keep else Outcome.IGNORED
+                    except IntegrityError:
+                        pass  # known UID: decide below (the file just written is the newest copy)
                 existing = self._existing(header.sop_instance_uid)
+                if existing is None:  # a row for the study/series appeared concurrently
+                    path = self._write_file(target, meta, dataset) if keep else None
+                    self._insert(header, caller, path, size, digest)
+                    return Outcome.STORED if keep else Outcome.IGNORED
+                if not keep:
+                    return Outcome.IGNORED
+                if existing.sha256 == digest and existing.path:
+                    if not target.exists():  # acknowledged before, lost since: restore it
+                        self._write_file(target, meta, dataset)
+                    return Outcome.DUPLICATE
+                self._write_file(target, meta, dataset)
+                self._replace(existing, header, caller, target, size, digest)
+                return Outcome.REPLACED
             except SQLAlchemyError as exc:
-                raise self._database_failure(header, exc) from exc
-            if existing is not None and (existing.sha256 == digest or not keep):
-                return Outcome.DUPLICATE if keep else Outcome.IGNORED
-            path = self._write_file(header, encoded) if keep else None
-            try:
-                self._record(header, caller, path, len(encoded), digest, existing)
-            except SQLAlchemyError as exc:
-                if path is not None and existing is None:
-                    path.unlink(missing_ok=True)
-                raise self._database_failure(header, exc) from exc
-        if not keep:
-            return Outcome.IGNORED
-        return Outcome.STORED if existing is None else Outcome.REPLACED
+                log.error("database error while recording %s: %s", header.sop_instance_uid, exc)
+                raise StoreRefused(OUT_OF_RESOURCES, "database unavailable") from exc
 
-    def _existing(self, sop_instance_uid: str) -> Row | None:
-        with self.db.engine.connect() as conn:
-            return conn.execute(
-                select(_INSTANCES.c.id, _INSTANCES.c.sha256).where(_INSTANCES.c.sop_instance_uid == sop_instance_uid)
-            ).first()
-
-    @staticmethod
-    def _database_failure(header: InstanceHeader, exc: SQLAlchemyError) -> StoreRefused:
-        log.error("database error while recording %s: %s", header.sop_instance_uid, exc)
-        return StoreRefused(OUT_OF_RESOURCES, "database unavailable")
-
-    def _write_file(self, header: InstanceHeader, encoded: bytes) -> Path:
+    def _write_file(self, target: Path, meta: bytes, dataset: bytes | memoryview) -> Path:
         """Temp file, fsync, rename into place, fsync the directory: all or nothing on disk."""
-        series_dir = self.studies_dir / header.study_uid / header.series_uid
-        target = series_dir / f"{header.sop_instance_uid}.dcm"
         temp = self.incoming_dir / f"{uuid.uuid4().hex}.tmp"
         try:
-            _make_dirs_durably(series_dir, self.studies_dir)
+            _make_dirs_durably(target.parent, self.studies_dir)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(encoded)
-                while view:
-                    view = view[os.write(fd, view) :]
+                pending = [memoryview(meta), memoryview(dataset)]
+                while pending:
+                    written = os.writev(fd, pending)
+                    while pending and written >= len(pending[0]):
+                        written -= len(pending.pop(0))
+                    if pending:
+                        pending[0] = pending[0][written:]
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, target)
-            _fsync_dir(series_dir)
+            _fsync_dir(target.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
-            log.error("cannot write %s: %s", header.sop_instance_uid, exc.strerror or exc)
+            log.error("cannot write %s: %s", target.name, exc.strerror or exc)
             raise StoreRefused(OUT_OF_RESOURCES, f"cannot write file: {exc.strerror or exc}") from exc
         return target
 
-    def _record(
-        self,
-        header: InstanceHeader,
-        caller: Caller,
-        path: Path | None,
-        size: int,
-        digest: str,
-        existing: Row | None,
-    ) -> None:
-        """One transaction: the instance inserted (or replaced, with an audit event).
+    def _existing(self, sop_instance_uid: str) -> Row | None:
+        with self.db.engine.connect() as conn:
+            return conn.execute(
+                select(_INSTANCES.c.id, _INSTANCES.c.sha256, _INSTANCES.c.path).where(
+                    _INSTANCES.c.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
 
-        Core statements, not the ORM: this runs once per received image and the ORM's
-        unit of work cost more than the fsyncs.
-        """
-        values = {
-            "sop_class_uid": header.sop_class_uid,
-            "transfer_syntax_uid": header.transfer_syntax_uid,
-            "instance_number": header.instance_number,
-            "stored": path is not None,
-            "path": str(path) if path is not None else None,
-            "size_bytes": size,
-            "sha256": digest,
-            "calling_ae": caller.ae_title,
-            "calling_host": caller.host,
-            "received_at": utcnow(),
-        }
-        for attempt in range(3):
-            try:
-                with self.db.engine.begin() as conn:
-                    series_id = self._series_id(conn, header)
-                    if existing is None:
-                        conn.execute(
-                            insert(_INSTANCES).values(
-                                series_id=series_id, sop_instance_uid=header.sop_instance_uid, **values
-                            )
-                        )
-                    else:
-                        conn.execute(
-                            update(_INSTANCES)
-                            .where(_INSTANCES.c.id == existing.id)
-                            .values(replaced_count=_INSTANCES.c.replaced_count + 1, **values)
-                        )
-                        conn.execute(
-                            insert(_EVENTS).values(
-                                at=values["received_at"],
-                                kind="instance_replaced",
-                                calling_ae=caller.ae_title,
-                                calling_host=caller.host,
-                                study_uid=header.study_uid,
-                                series_uid=header.series_uid,
-                                sop_instance_uid=header.sop_instance_uid,
-                                detail=f"sha256 {existing.sha256} -> {digest}",
-                            )
-                        )
-            except IntegrityError:
-                # Another association created the same study or series a moment ago: look again.
-                if attempt == 2:
-                    raise
-                continue
-            self._series_ids[header.series_uid] = series_id  # only once committed
-            return
+    def _insert(self, header: InstanceHeader, caller: Caller, path: Path | None, size: int, digest: str) -> None:
+        """One transaction (Core, not the ORM: this runs for every image) for a new instance."""
+        try:
+            with self.db.engine.begin() as conn:
+                series_id = self._series_id(conn, header)
+                conn.execute(
+                    insert(_INSTANCES).values(
+                        series_id=series_id,
+                        sop_instance_uid=header.sop_instance_uid,
+                        **_instance_values(header, caller, path, size, digest),
+                    )
+                )
+        except SQLAlchemyError:
+            if path is not None and not self._is_recorded(path):
+                path.unlink(missing_ok=True)  # never acknowledged: the sender will send it again
+            raise
+        self._series_ids[header.series_uid] = series_id
+
+    def _is_recorded(self, path: Path) -> bool:
+        """Whether a row points at ``path`` (then the file must stay, whatever this store did)."""
+        try:
+            with self.db.engine.connect() as conn:
+                return conn.execute(select(_INSTANCES.c.id).where(_INSTANCES.c.path == str(path))).first() is not None
+        except SQLAlchemyError:
+            return True  # cannot tell: keeping a file is safe, deleting a recorded one is not
+
+    def _replace(
+        self, existing: Row, header: InstanceHeader, caller: Caller, path: Path, size: int, digest: str
+    ) -> None:
+        """Same SOP Instance UID, new content: the newest wins and the replacement is audited."""
+        values = _instance_values(header, caller, path, size, digest)
+        with self.db.engine.begin() as conn:
+            conn.execute(
+                update(_INSTANCES)
+                .where(_INSTANCES.c.id == existing.id)
+                .values(replaced_count=_INSTANCES.c.replaced_count + 1, **values)
+            )
+            conn.execute(
+                insert(_EVENTS).values(
+                    at=values["received_at"],
+                    kind="instance_replaced",
+                    calling_ae=caller.ae_title,
+                    calling_host=caller.host,
+                    study_uid=header.study_uid,
+                    series_uid=header.series_uid,
+                    sop_instance_uid=header.sop_instance_uid,
+                    detail=f"sha256 {existing.sha256} -> {digest}",
+                )
+            )
 
     def _series_id(self, conn: Connection, header: InstanceHeader) -> int:
-        """The series row's id, creating study and series rows on first sight (ids are cached)."""
+        """The series row's id, creating study and series rows on first sight."""
         cached = self._series_ids.get(header.series_uid)
         if cached is not None:
             return cached
         series_id = conn.execute(select(_SERIES.c.id).where(_SERIES.c.series_uid == header.series_uid)).scalar()
-        if series_id is None:
-            study_id = conn.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == header.study_uid)).scalar()
-            if study_id is None:
-                study_id = conn.execute(
-                    insert(_STUDIES).values(study_uid=header.study_uid, first_received_at=utcnow())
-                ).inserted_primary_key[0]
-            ignored = header.sop_class_uid not in self.stored_sop_classes
-            series_id = conn.execute(
+        if series_id is not None:
+            return int(series_id)
+        study_id = conn.execute(select(_STUDIES.c.id).where(_STUDIES.c.study_uid == header.study_uid)).scalar()
+        if study_id is None:
+            study_id = conn.execute(
+                insert(_STUDIES).values(study_uid=header.study_uid, first_received_at=utcnow())
+            ).inserted_primary_key[0]
+        ignored = header.sop_class_uid not in self.stored_sop_classes
+        return int(
+            conn.execute(
                 insert(_SERIES).values(
                     study_id=study_id,
                     series_uid=header.series_uid,
@@ -279,7 +251,23 @@ class InstanceStore:
                     first_received_at=utcnow(),
                 )
             ).inserted_primary_key[0]
-        return int(series_id)
+        )
+
+
+def _instance_values(header: InstanceHeader, caller: Caller, path: Path | None, size: int, digest: str) -> dict:
+    """Column values shared by a new and a replaced instance row."""
+    return {
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "stored": path is not None,
+        "path": str(path) if path is not None else None,
+        "size_bytes": size,
+        "sha256": digest,
+        "calling_ae": caller.ae_title,
+        "calling_host": caller.host,
+        "received_at": utcnow(),
+    }
 
 
 def _make_dirs_durably(directory: Path, root: Path) -> None:

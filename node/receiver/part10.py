@@ -1,0 +1,118 @@
+"""The DICOM file format (PS3.10) around a received data set, and reading its filing attributes.
+
+Both run once per received image, so neither builds a pydicom ``Dataset`` for
+the file meta nor decodes more than the first groups of the data set: the
+generic paths cost more than the fsyncs on these machines.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
+
+from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from node.uids import is_valid_uid
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str) -> bytes:
+    """Preamble, prefix and group 0002 (explicit VR little endian, as PS3.10 7.1 requires)."""
+    body = b"".join(
+        [
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid(sop_class_uid)),
+            _element(0x0003, b"UI", _uid(sop_instance_uid)),
+            _element(0x0010, b"UI", _uid(transfer_syntax_uid)),
+            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+            *([_element(0x0016, b"AE", _text(source_ae))] if source_ae else []),
+        ]
+    )
+    return _PREAMBLE + _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":  # 2 reserved bytes and a 32-bit length
+        return struct.pack("<HH", 0x0002, element) + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("ascii", "replace")
+    return raw + b" " if len(raw) % 2 else raw
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the node files an instance under: the start of its data set and its transfer syntax."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    instance_number: int | None = None
+
+    def invalid_uid(self) -> str | None:
+        """The name of the first missing or malformed UID (these become paths), or None."""
+        for name in ("sop_class_uid", "sop_instance_uid", "study_uid", "series_uid", "transfer_syntax_uid"):
+            if not is_valid_uid(getattr(self, name)):
+                return name
+        return None
+
+
+_LAST_NEEDED = BaseTag(0x00200013)  # InstanceNumber; every attribute read lies at or before it
+
+
+def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
+    """Parse the data set only up to Instance Number; raises ValueError when it cannot be read."""
+    raw = bytes(dataset)
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
+    try:
+        ds = read_dataset(
+            BytesIO(raw),
+            is_implicit_VR=transfer_syntax_uid == ImplicitVRLittleEndian,
+            is_little_endian=transfer_syntax_uid != ExplicitVRBigEndian,
+            stop_when=lambda tag, vr, length: tag > _LAST_NEEDED,
+            defer_size=None,
+        )
+        return InstanceHeader(
+            sop_class_uid=_str(ds.get("SOPClassUID")),
+            sop_instance_uid=_str(ds.get("SOPInstanceUID")),
+            study_uid=_str(ds.get("StudyInstanceUID")),
+            series_uid=_str(ds.get("SeriesInstanceUID")),
+            transfer_syntax_uid=transfer_syntax_uid,
+            modality=_str(ds.get("Modality")),
+            series_number=_int(ds.get("SeriesNumber")),
+            series_description=_str(ds.get("SeriesDescription")),
+            instance_number=_int(ds.get("InstanceNumber")),
+        )
+    except Exception as exc:  # pydicom raises many types on malformed input; all mean "unreadable"
+        raise ValueError(f"unreadable data set ({type(exc).__name__})") from exc
+
+
+def _str(value: object) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
