@@ -8,8 +8,9 @@ Two changes to pynetdicom's acceptor, each small and local:
 * Latency. pynetdicom's acceptor loop sleeps 1 ms before every look at its
   DIMSE queue and its DUL thread sleeps 1 ms whenever it was idle, so each
   C-STORE waits 1-3 ms for nothing. On loopback that caps a single sender at
-  a few hundred instances/s. Here the acceptor blocks on the queue instead,
-  and the DUL thread naps for a tenth of the time.
+  a few hundred instances/s. Here the acceptor blocks on its queue, and the
+  DUL thread blocks in select() on the socket and a wake-up socket that is
+  poked whenever a PDU is queued for sending: no polling, no idle CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
+import select
+import socket
+import ssl
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -27,14 +31,14 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
 
-# How long the acceptor waits on its DIMSE queue before it looks at release/abort/timeouts.
-_QUEUE_WAIT_S = 0.005
-# The DUL thread's nap between polls when idle (pynetdicom: 0.001).
-_DUL_IDLE_S = 0.0001
+# How long the acceptor waits on its DIMSE queue, and the DUL thread in select(), before
+# they look at release/abort/timers again. Work wakes them at once; this only bounds idling.
+_IDLE_WAIT_S = 0.005
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -85,13 +89,56 @@ class _GatedACSE(ACSE):
         super()._negotiate_as_acceptor()
 
 
+class _WakingDUL(DULServiceProvider):
+    """pynetdicom's DUL thread, waiting in select() instead of napping between polls."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._run_loop_delay = 0  # the loop's own nap becomes a yield; the wait is below
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_rx.setblocking(False)
+        self._wake_tx.setblocking(False)
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        try:
+            self._wake_tx.send(b"\0")
+        except OSError:
+            pass  # buffer full (already awake) or the thread has ended
+
+    def _process_recv_primitive(self) -> bool:
+        # Called at the top of every loop pass: when nothing is queued either way, wait here.
+        if self.to_provider_queue.empty() and self.event_queue.empty() and not self._kill_thread:
+            self._wait_for_io()
+        return super()._process_recv_primitive()
+
+    def _wait_for_io(self) -> None:
+        transport = self.socket
+        sock = transport.socket if transport is not None and transport._is_connected else None
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return  # TLS may hold decrypted bytes that select() cannot see
+        try:
+            readable, _, _ = select.select([self._wake_rx] + ([sock] if sock else []), [], [], _IDLE_WAIT_S)
+            if self._wake_rx in readable:
+                self._wake_rx.recv(4096)
+        except (OSError, ValueError):
+            return  # socket closed under us: the regular transport check reports it
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._wake_rx.close()
+            self._wake_tx.close()
+
+
 class NodeAssociation(Association):
-    """An acceptor association with the sender gate and the low-latency loop."""
+    """An acceptor association with the sender gate and the low-latency loops."""
 
     def __init__(self, ae: Any, gate: SenderGate) -> None:
         super().__init__(ae, MODE_ACCEPTOR)
         self.acse = _GatedACSE(self, gate)
-        self.dul._run_loop_delay = _DUL_IDLE_S
+        self.dul = _WakingDUL(self)
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (MIT licence), with the fixed 1 ms sleep replaced by a
@@ -103,7 +150,7 @@ class NodeAssociation(Association):
             self._is_paused = False
 
             try:
-                context_id, msg = self.dimse.msg_queue.get(timeout=_QUEUE_WAIT_S)
+                context_id, msg = self.dimse.msg_queue.get(timeout=_IDLE_WAIT_S)
             except queue.Empty:
                 context_id, msg = None, None
             if msg:
