@@ -30,6 +30,8 @@ from node.receiver.part10 import InstanceHeader, file_meta
 log = logging.getLogger(__name__)
 
 _STUDIES, _SERIES, _INSTANCES, _EVENTS = (m.__table__ for m in (Study, Series, Instance, Event))
+# Built once and executed with parameters: per image, statement construction cost more than the commit.
+_INSERT_INSTANCE = insert(_INSTANCES)
 
 # C-STORE failure statuses (PS3.4 Annex B.2.3)
 OUT_OF_RESOURCES = 0xA700
@@ -180,11 +182,12 @@ class InstanceStore:
             with self.db.engine.begin() as conn:
                 series_id = self._series_id(conn, header)
                 conn.execute(
-                    insert(_INSTANCES).values(
-                        series_id=series_id,
-                        sop_instance_uid=header.sop_instance_uid,
+                    _INSERT_INSTANCE,
+                    {
+                        "series_id": series_id,
+                        "sop_instance_uid": header.sop_instance_uid,
                         **_instance_values(header, caller, path, size, digest),
-                    )
+                    },
                 )
         except SQLAlchemyError:
             if path is not None and not self._is_recorded(path):
