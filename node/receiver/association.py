@@ -1,6 +1,6 @@
 """The node's acceptor association: pynetdicom's, with a sender gate and less waiting.
 
-Two changes to pynetdicom's acceptor, each small and local:
+Three changes to pynetdicom's acceptor, each small and local:
 
 * Sender gate. pynetdicom can require calling AE titles but cannot tie a title
   to the host it calls from; the node's ``allowed_senders`` does both, so the
@@ -11,6 +11,8 @@ Two changes to pynetdicom's acceptor, each small and local:
   a few hundred instances/s. Here the acceptor blocks on its queue, and the
   DUL thread blocks in select() on the socket and a wake-up socket that is
   poked whenever a PDU is queued for sending: no polling, no idle CPU.
+* TLS handshakes run in each connection's thread, with a timeout, not in the
+  accept loop, where one silent client would hold up every other sender.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +185,35 @@ class NodeAssociation(Association):
                 return
 
 
-def request_handler_for(gate: SenderGate) -> type[RequestHandler]:
+class NodeServer(ThreadedAssociationServer):
+    """Accepts connections without the TLS handshake, which pynetdicom does in its single accept
+    thread with no timeout (one silent client would stall everyone); the handshake runs in the
+    connection's own thread instead (``NodeRequestHandler``)."""
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return self.socket.accept()
+
+
+def request_handler_for(gate: SenderGate, handshake_timeout_s: float) -> type[RequestHandler]:
     """A pynetdicom request handler class whose associations are ``NodeAssociation``.
 
     Mirrors ``RequestHandler._create_association``, which hard-codes the class.
     """
 
     class NodeRequestHandler(RequestHandler):
+        def handle(self) -> None:
+            context = self.server.ssl_context
+            if context is not None:
+                try:
+                    self.request.settimeout(handshake_timeout_s)
+                    self.request = context.wrap_socket(self.request, server_side=True)
+                    self.request.settimeout(None)
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                    self.request.close()
+                    return
+            super().handle()
+
         def _create_association(self) -> Association:
             assoc = NodeAssociation(self.ae, gate)
             assoc._server = self.server

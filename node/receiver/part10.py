@@ -81,12 +81,12 @@ _LAST_NEEDED = BaseTag(0x00200013)  # InstanceNumber; every attribute read lies 
 
 def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
     """Parse the data set only up to Instance Number; raises ValueError when it cannot be read."""
-    raw = bytes(dataset)
-    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
     try:
+        raw = bytes(dataset)
+        if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+            raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
         ds = read_dataset(
-            BytesIO(raw),
+            _WholeReads(raw),
             is_implicit_VR=transfer_syntax_uid == ImplicitVRLittleEndian,
             is_little_endian=transfer_syntax_uid != ExplicitVRBigEndian,
             stop_when=lambda tag, vr, length: tag > _LAST_NEEDED,
@@ -105,6 +105,23 @@ def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Instan
         )
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "unreadable"
         raise ValueError(f"unreadable data set ({type(exc).__name__})") from exc
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _WholeReads(BytesIO):
+    """A buffer that refuses short reads: pydicom takes a value cut off by the end of the data
+    for a complete one (a truncated UID would file the image under the wrong series). A read
+    that finds nothing at all is the data set's normal end."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if size is not None and 0 < len(data) < size:
+            # Not EOFError: pydicom catches that inside sequences and carries on.
+            raise _Truncated(f"data set ends {size - len(data)} bytes inside an element")
+        return data
 
 
 def _str(value: object) -> str:

@@ -14,12 +14,11 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import NodeConfig, TlsSection
 from node.db.database import Database
-from node.receiver.association import SenderGate, request_handler_for
+from node.receiver.association import NodeServer, SenderGate, request_handler_for
 from node.receiver.handlers import ReceiverHandlers
 from node.receiver.storage import InstanceStore
 
@@ -69,7 +68,7 @@ class Receiver:
     db: Database
     ae: AE = field(init=False)
     store: InstanceStore = field(init=False)
-    _server: ThreadedAssociationServer | None = field(init=False, default=None)
+    _server: NodeServer | None = field(init=False, default=None)
     _thread: threading.Thread | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -100,8 +99,8 @@ class Receiver:
             (node.host, node.port),
             ssl_context=tls_context(self.config.tls),
             evt_handlers=handlers.bindings(),
-            server_class=ThreadedAssociationServer,
-            request_handler=request_handler_for(sender_gate(self.config)),
+            server_class=NodeServer,
+            request_handler=request_handler_for(sender_gate(self.config), node.acse_timeout_s),
         )
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="uad-node-scp", daemon=True)

@@ -177,7 +177,11 @@ class InstanceStore:
             ).first()
 
     def _insert(self, header: InstanceHeader, caller: Caller, path: Path | None, size: int, digest: str) -> None:
-        """One transaction (Core, not the ORM: this runs for every image) for a new instance."""
+        """One transaction (Core, not the ORM: this runs for every image) for a new instance.
+
+        If it fails, the file just written is removed (it was never acknowledged), unless the
+        failure is the UID being known already: then that file is the newest copy.
+        """
         try:
             with self.db.engine.begin() as conn:
                 series_id = self._series_id(conn, header)
@@ -189,19 +193,13 @@ class InstanceStore:
                         **_instance_values(header, caller, path, size, digest),
                     },
                 )
+        except IntegrityError:
+            raise
         except SQLAlchemyError:
-            if path is not None and not self._is_recorded(path):
+            if path is not None:
                 path.unlink(missing_ok=True)  # never acknowledged: the sender will send it again
             raise
         self._series_ids[header.series_uid] = series_id
-
-    def _is_recorded(self, path: Path) -> bool:
-        """Whether a row points at ``path`` (then the file must stay, whatever this store did)."""
-        try:
-            with self.db.engine.connect() as conn:
-                return conn.execute(select(_INSTANCES.c.id).where(_INSTANCES.c.path == str(path))).first() is not None
-        except SQLAlchemyError:
-            return True  # cannot tell: keeping a file is safe, deleting a recorded one is not
 
     def _replace(
         self, existing: Row, header: InstanceHeader, caller: Caller, path: Path, size: int, digest: str

@@ -361,10 +361,9 @@ def node_noop_receiver(workdir: Path) -> Iterator[Receiver]:
     """
     sys.path.insert(0, str(REPO_ROOT))
     from pynetdicom import AE, evt
-    from pynetdicom.transport import ThreadedAssociationServer
 
     from node.config import NodeConfig
-    from node.receiver.association import SenderGate, request_handler_for
+    from node.receiver.association import NodeServer, SenderGate, request_handler_for
     from node.receiver.handlers import set_tcp_nodelay
     from node.receiver.server import presentation_contexts
 
@@ -381,8 +380,8 @@ def node_noop_receiver(workdir: Path) -> Iterator[Receiver]:
     scp = ae.make_server(
         (LOOPBACK, port),
         evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        server_class=ThreadedAssociationServer,
-        request_handler=request_handler_for(SenderGate(())),
+        server_class=NodeServer,
+        request_handler=request_handler_for(SenderGate(()), handshake_timeout_s=30.0),
     )
     thread = threading.Thread(target=scp.serve_forever, daemon=True)
     thread.start()
