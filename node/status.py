@@ -81,9 +81,10 @@ def status_text(studies: list[StudyStatus]) -> str:
 
 
 def _utc_iso(value: datetime | str | None) -> str:
-    """Aggregates bypass the column type, so SQLite hands back a naive string: read it as UTC."""
+    """Aggregates bypass the column type: SQLite hands back a naive string, PostgreSQL an
+    aware value in the session's time zone. Both become UTC."""
     if value is None:
         return ""
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
-    return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).isoformat()
+    return (value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)).isoformat()

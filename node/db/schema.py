@@ -17,7 +17,7 @@ def utcnow() -> datetime:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC on every backend (SQLite drops the offset; it is put back on read)."""
+    """Timezone-aware UTC on every backend, whatever the server's own time zone."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -28,9 +28,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
     def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
-        if value is not None and value.tzinfo is None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite
             return value.replace(tzinfo=timezone.utc)
-        return value
+        return value.astimezone(timezone.utc)  # PostgreSQL answers in the session's time zone
 
 
 class Base(DeclarativeBase):
