@@ -113,6 +113,7 @@ def node_config(
     port: int,
     *,
     min_free_disk_mb: int = 1,
+    log_patient_data: bool = False,
     extra_node: str = "",
     extra: str = "",
     senders: str | None = None,
@@ -138,6 +139,7 @@ network_timeout_s = 20
 
 [logging]
 level = "DEBUG"
+log_patient_data = {str(log_patient_data).lower()}
 {extra}
 """
     )

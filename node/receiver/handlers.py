@@ -30,6 +30,7 @@ from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
+
 def caller_of(event: NetEvent) -> Caller:
     """The calling AE title and peer address of the event's association."""
     requestor = event.assoc.requestor
@@ -42,6 +43,7 @@ class ReceiverHandlers:
 
     store: InstanceStore
     db: Database
+    log_patient_data: bool = False
 
     def bindings(self) -> list[tuple]:
         """The ``evt_handlers`` list for ``AE.make_server``."""
@@ -90,7 +92,8 @@ class ReceiverHandlers:
             )
             return status
         status.Status = 0x0000
-        log.debug("%s %s from %s", outcome.value, header.sop_instance_uid, caller.ae_title)
+        patient = f" patient {header.patient_id!r}" if self.log_patient_data else ""
+        log.debug("%s %s from %s%s", outcome.value, header.sop_instance_uid, caller.ae_title, patient)
         if outcome is Outcome.REPLACED:
             log.warning("instance %s re-sent with different content: replaced", header.sop_instance_uid)
         return status

@@ -67,6 +67,7 @@ class InstanceHeader:
     series_number: int | None = None
     series_description: str = ""
     instance_number: int | None = None
+    patient_id: str = ""  # for logs only, and only when logging.log_patient_data is on
 
     def invalid_uid(self) -> str | None:
         """The name of the first missing or malformed UID (these become paths), or None."""
@@ -102,6 +103,7 @@ def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Instan
             series_number=_int(ds.get("SeriesNumber")),
             series_description=_str(ds.get("SeriesDescription")),
             instance_number=_int(ds.get("InstanceNumber")),
+            patient_id=_str(ds.get("PatientID")),
         )
     except Exception as exc:  # pydicom raises many types on malformed input; all mean "unreadable"
         raise ValueError(f"unreadable data set ({type(exc).__name__})") from exc

@@ -94,7 +94,9 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         """Bind and serve in a background thread; returns the bound (host, port)."""
         node = self.config.node
-        handlers = ReceiverHandlers(store=self.store, db=self.db)
+        handlers = ReceiverHandlers(
+            store=self.store, db=self.db, log_patient_data=self.config.logging.log_patient_data
+        )
         self._server = self.ae.make_server(
             (node.host, node.port),
             ssl_context=tls_context(self.config.tls),
@@ -106,9 +108,7 @@ class Receiver:
         self._thread = threading.Thread(target=self._server.serve_forever, name="uad-node-scp", daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
-        log.info(
-            "listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else ""
-        )
+        log.info("listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else "")
         return str(host), int(port)
 
     def stop(self, grace_s: float = 10.0) -> None:

@@ -344,7 +344,9 @@ def orthanc_receiver(workdir: Path, env: dict[str, str] = DCMTK_ENV) -> Iterator
         wait_until(accepts_tcp(dicom_port), process, log, "Orthanc DICOM port")
         count = partial(count_orthanc_instances, base_url)
         name = "Orthanc" if nodelay else "Orthanc-default"
-        yield Receiver(name, "ORTHANC", dicom_port, count, f"{'TCP_NODELAY=1 ' if nodelay else ''}{shlex.join(command)}")
+        yield Receiver(
+            name, "ORTHANC", dicom_port, count, f"{'TCP_NODELAY=1 ' if nodelay else ''}{shlex.join(command)}"
+        )
 
 
 def orthanc_default_receiver(workdir: Path) -> contextlib.AbstractContextManager[Receiver]:

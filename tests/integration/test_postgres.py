@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
@@ -101,9 +101,7 @@ class PostgresServer:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
     def run(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [*self.as_user, *args], capture_output=True, text=True, timeout=timeout_s, check=False
-        )
+        return subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout_s, check=False)
 
     def log(self) -> str:
         path = self.root / "server.log"
@@ -329,8 +327,8 @@ def test_store_duplicate_and_replacement(store: InstanceStore, data_dir: Path, d
     assert [i.sop_instance_uid for i in instances] == [ds.SOPInstanceUID for ds in slices]
     assert [i.replaced_count for i in instances] == [0, 1, 0]
     assert [i.calling_ae for i in instances] == ["SCANNER1", "SCANNER2", "SCANNER1"]
-    assert all(i.stored and i.path == str(target_of(data_dir, ds)) for i, ds in zip(instances, slices))
-    assert all(i.size_bytes == target_of(data_dir, ds).stat().st_size for i, ds in zip(instances, slices))
+    assert all(i.stored and i.path == str(target_of(data_dir, ds)) for i, ds in zip(instances, slices, strict=True))
+    assert all(i.size_bytes == target_of(data_dir, ds).stat().st_size for i, ds in zip(instances, slices, strict=True))
     [event] = rows(db, Event)
     assert (event.kind, event.sop_instance_uid, event.series_uid, event.study_uid) == (
         "instance_replaced",
@@ -421,10 +419,10 @@ def _assert_utc_now(value: datetime, before: datetime, after: datetime) -> None:
 
 def test_stored_timestamps_read_back_in_utc(store: InstanceStore, db: Database) -> None:
     """Timestamps written by the store read back through the ORM timezone-aware, in UTC, as the time of the store."""
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     ds = mr_slice(generate_uid(), generate_uid(), 0)
     put(store, ds)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     [instance], [series], [study] = rows(db, Instance), rows(db, Series), rows(db, Study)
     for value in (instance.received_at, series.first_received_at, study.first_received_at):
         _assert_utc_now(value, before, after)
@@ -432,9 +430,9 @@ def test_stored_timestamps_read_back_in_utc(store: InstanceStore, db: Database) 
 
 def test_collect_status_last_received_is_utc(store: InstanceStore, db: Database) -> None:
     """``last_received_at`` in ``status`` is an ISO timestamp in UTC: the newest instance of the series."""
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     mr_a, mr_b, ct_a = _two_studies(store)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     for study in collect_status(db):
         for series in study.series:
             assert series.last_received_at.endswith("+00:00"), series.last_received_at
@@ -443,9 +441,9 @@ def test_collect_status_last_received_is_utc(store: InstanceStore, db: Database)
 
 def test_timestamps_keep_their_instant(store: InstanceStore, db: Database) -> None:
     """Whatever offset they are shown in, stored timestamps are the instant of the store (nothing shifted)."""
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     put(store, mr_slice(generate_uid(), generate_uid(), 0))
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     [instance] = rows(db, Instance)
     assert instance.received_at.tzinfo is not None
     assert before - timedelta(seconds=1) <= instance.received_at <= after + timedelta(seconds=1)

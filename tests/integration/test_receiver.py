@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import threading
 from pathlib import Path
@@ -87,6 +88,18 @@ def test_store_from_pynetdicom_is_on_disk_and_in_database(node: NodeProcess) -> 
     assert entry["state"] == "receiving"
 
 
+@pytest.mark.parametrize("log_patient_data", [False, True])
+def test_logs_carry_patient_data_only_when_asked(node_factory, log_patient_data: bool) -> None:  # type: ignore[no-untyped-def]
+    """Even at DEBUG, logs hold UIDs and AE titles but no patient ID unless log_patient_data is on."""
+    node = node_factory(log_patient_data=log_patient_data)
+    series = mr_series(2)
+    assert send(node, series) == [0, 0]
+    log = node.log()
+    assert series[0].SOPInstanceUID in log and "SCANNER1" in log
+    assert ("TEST-0001" in log) is log_patient_data
+    assert "TEST^PATIENT" not in log
+
+
 def test_store_from_dcmtk_storescu(node: NodeProcess, tmp_path: Path) -> None:
     """dcmtk storescu sends a folder; all files arrive byte-for-byte in their data set."""
     storescu = require_tool("storescu")
@@ -115,15 +128,18 @@ def test_store_from_dcmtk_storescu(node: NodeProcess, tmp_path: Path) -> None:
 )
 def test_unknown_callers_are_rejected(node: NodeProcess, calling: str, called: str, bind: str | None) -> None:
     """Associations are refused before any data is accepted, and the refusal is audited."""
-    assoc = scu(calling).associate(
-        "127.0.0.1", node.port, ae_title=called, bind_address=(bind, 0) if bind else None
-    )
+    assoc = scu(calling).associate("127.0.0.1", node.port, ae_title=called, bind_address=(bind, 0) if bind else None)
     assert assoc.is_rejected
     assert stored_files(node) == []
     assert "association rejected" in node.log()
+    with sqlite3.connect(node.data_dir / "uad-node.sqlite") as db:
+        audited = db.execute("SELECT calling_ae, calling_host FROM events WHERE kind = 'association_rejected'").fetchall()
+    assert audited == [(calling, bind or "127.0.0.1")]
 
 
-@pytest.mark.parametrize(("calling", "bind"), [("SCANNER2", "127.0.0.2"), ("SCANNER3", "127.0.0.3"), ("SCANNER4", None)])
+@pytest.mark.parametrize(
+    ("calling", "bind"), [("SCANNER2", "127.0.0.2"), ("SCANNER3", "127.0.0.3"), ("SCANNER4", None)]
+)
 def test_sender_rules_by_network_any_host_and_hostname(node: NodeProcess, calling: str, bind: str | None) -> None:
     """A CIDR rule, a rule without host, and a host-name rule each let their sender in."""
     assert send(node, mr_series(1), ae_title=calling, bind=bind) == [0]

@@ -51,9 +51,7 @@ BAD_FILES: dict[str, BadFile] = {
     "invalid-stored-sop-class": BadFile(
         f'[storage]\nstored_sop_classes = ["{MR}", "1.2.x"]\n', "storage.stored_sop_classes: ", ("1.2.x",)
     ),
-    "tls-without-files": BadFile(
-        "[tls]\nenabled = true\n", "tls: ", ("certificate", "private_key", "ca_certificates")
-    ),
+    "tls-without-files": BadFile("[tls]\nenabled = true\n", "tls: ", ("certificate", "private_key", "ca_certificates")),
     "tls-certificate-missing": BadFile(
         '[tls]\nenabled = true\ncertificate = "no-such-cert.pem"\nprivate_key = "key.pem"\n'
         'ca_certificates = "ca.pem"\n',
@@ -67,8 +65,7 @@ BAD_FILES: dict[str, BadFile] = {
 }
 
 MULTI_ERROR = (
-    "[node]\nport = 70000\nae_title = \"ABCDEFGHIJKLMNOPQ\"\nmax_pdu_size = 100\n"
-    '[storage]\nother_sop_classes = "maybe"\n'
+    '[node]\nport = 70000\nae_title = "ABCDEFGHIJKLMNOPQ"\nmax_pdu_size = 100\n[storage]\nother_sop_classes = "maybe"\n'
 )
 MULTI_ERROR_KEYS = ["node.port", "node.ae_title", "node.max_pdu_size", "storage.other_sop_classes"]
 

@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -139,9 +139,9 @@ def test_reopening_keeps_existing_data(db_file: Path) -> None:
 
 def test_default_timestamps_read_back_timezone_aware_utc(db: Database) -> None:
     """Default timestamps come back aware, in UTC, and are the time of the insert."""
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     _add_study(db, n_instances=1)
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     with db.session() as session:
         study = session.scalars(select(Study)).one()
         instance = session.scalars(select(Instance)).one()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import struct
-import zlib
 from io import BytesIO
 
 import pydicom
