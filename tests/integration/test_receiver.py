@@ -6,6 +6,8 @@ import os
 import sqlite3
 import subprocess
 import threading
+import time
+from contextlib import closing
 from pathlib import Path
 
 import pydicom
@@ -48,6 +50,19 @@ def send(node: NodeProcess, datasets: list, ae_title: str = "SCANNER1", bind: st
 
 def stored_files(node: NodeProcess) -> list[Path]:
     return sorted((node.data_dir / "studies").rglob("*.dcm"))
+
+
+def rejections_audited(node: NodeProcess, timeout_s: float = 5.0) -> list[tuple[str, str]]:
+    """(calling AE, host) of rejected associations in the events table; the row is written just
+    after the rejection goes out, so wait for it briefly."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with closing(sqlite3.connect(node.data_dir / "uad-node.sqlite")) as db:
+            rows = db.execute("SELECT calling_ae, calling_host FROM events WHERE kind = 'association_rejected'")
+            audited = [tuple(row) for row in rows]
+        if audited or time.monotonic() > deadline:
+            return audited
+        time.sleep(0.05)
 
 
 def series_counts(node: NodeProcess) -> dict[str, int]:
@@ -132,9 +147,7 @@ def test_unknown_callers_are_rejected(node: NodeProcess, calling: str, called: s
     assert assoc.is_rejected
     assert stored_files(node) == []
     assert "association rejected" in node.log()
-    with sqlite3.connect(node.data_dir / "uad-node.sqlite") as db:
-        audited = db.execute("SELECT calling_ae, calling_host FROM events WHERE kind = 'association_rejected'").fetchall()
-    assert audited == [(calling, bind or "127.0.0.1")]
+    assert rejections_audited(node) == [(calling, bind or "127.0.0.1")]
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,7 @@ def test_read_header_gives_the_same_values_in_every_encoding() -> None:
         series_number=12,
         series_description="T2 COR",
         instance_number=7,
+        patient_id="TEST-0001",
     )
     for transfer_syntax_uid in ENCODINGS:
         header = read_header(encode(ds, transfer_syntax_uid), transfer_syntax_uid)
