@@ -15,21 +15,17 @@ since PostgreSQL refuses to run as root.
 
 from __future__ import annotations
 
-import copy
 import glob
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -39,24 +35,32 @@ from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import func, inspect, select, text
+from pydicom.uid import generate_uid
+from sqlalchemy import inspect, select, text
 
 from node.db import Event, Instance, Series, Study, open_database
 from node.db.database import MIGRATIONS, Database
 from node.db.schema import Base
-from node.receiver.part10 import InstanceHeader
 from node.receiver.storage import Caller, InstanceStore, Outcome
 from node.status import collect_status
 from tests.mr_files import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, mr_slice
 from tests.peers import free_port
+from tests.stored_instances import (
+    CALLER,
+    count,
+    encode,
+    header_of,
+    put,
+    rows,
+    run_concurrently,
+    store_at_once,
+    target_of,
+)
 
 pytestmark = pytest.mark.peers
 
-CALLER = Caller(ae_title="SCANNER1", host="127.0.0.1")
 SERVER_TIMEZONE = "Asia/Kolkata"
 START_TIMEOUT_S = 30
-TIMEOUT_S = 30
 INSTALL_HINT = "apt-get install postgresql; pip install 'psycopg[binary]'"
 
 
@@ -228,70 +232,6 @@ def store(data_dir: Path, db: Database) -> InstanceStore:
     return InstanceStore(data_dir=data_dir, database=db, stored_sop_classes={MR_IMAGE_STORAGE}, min_free_bytes=0)
 
 
-def encode(ds: Dataset) -> bytes:
-    """The data set alone (no preamble, no group 0002), explicit VR little endian."""
-    ds = copy.deepcopy(ds)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    raw = buffer.getvalue()
-    (group_length,) = struct.unpack("<I", raw[140:144])
-    return raw[144 + group_length :]
-
-
-def header_of(ds: Dataset) -> InstanceHeader:
-    return InstanceHeader(
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_uid=str(ds.StudyInstanceUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        modality=str(ds.Modality),
-        series_number=int(ds.SeriesNumber),
-        series_description=str(ds.SeriesDescription),
-        instance_number=int(ds.InstanceNumber),
-    )
-
-
-def put(store: InstanceStore, ds: Dataset, caller: Caller = CALLER) -> Outcome:
-    return store.store(header_of(ds), encode(ds), caller)
-
-
-def target_of(data_dir: Path, ds: Dataset) -> Path:
-    return data_dir / "studies" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-
-
-def count(db: Database, model: type) -> int:
-    with db.session() as session:
-        return int(session.scalar(select(func.count()).select_from(model)))
-
-
-def rows(db: Database, model: type) -> list:
-    with db.session() as session:
-        return list(session.scalars(select(model).order_by(model.id)))
-
-
-def run_concurrently(jobs: list) -> list:  # type: ignore[type-arg]
-    """Run the callables at once (released by one barrier); return results or exceptions, in order."""
-    barrier = threading.Barrier(len(jobs))
-    results: list = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        barrier.wait(timeout=TIMEOUT_S)
-        try:
-            results[i] = jobs[i]()
-        except Exception as exc:  # reported to the test as a value
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=TIMEOUT_S)
-    assert not any(thread.is_alive() for thread in threads), "a store did not finish"
-    return results
-
-
 def test_server_runs_in_a_non_utc_time_zone(db: Database) -> None:
     """The premise of the time zone tests below: the session time zone is not UTC."""
     with db.engine.connect() as conn:
@@ -376,8 +316,7 @@ def test_eight_instances_of_a_new_series_at_once(store: InstanceStore, data_dir:
     for _ in range(rounds):
         study, series = generate_uid(), generate_uid()
         slices = [mr_slice(study, series, i) for i in range(8)]
-        payloads = [(header_of(ds), encode(ds)) for ds in slices]
-        results = run_concurrently([lambda h=h, d=d: store.store(h, d, CALLER) for h, d in payloads])
+        results = store_at_once(store, slices)
         assert results == [Outcome.STORED] * 8, results
         with db.session() as session:
             series_row = session.scalars(select(Series).where(Series.series_uid == series)).one()

@@ -6,24 +6,19 @@ leaves nothing behind; duplicates, replacements and concurrent senders are decid
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import struct
-import threading
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 
 from node import IMPLEMENTATION_CLASS_UID
 from node.db import Event, Instance, Series, Study, open_database
 from node.db.database import Database
-from node.receiver.part10 import InstanceHeader
 from node.receiver.storage import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -33,35 +28,17 @@ from node.receiver.storage import (
     StoreRefused,
 )
 from tests.mr_files import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, mr_slice
-
-CALLER = Caller(ae_title="SCANNER1", host="127.0.0.1")
-TIMEOUT_S = 30
-
-
-def encode(ds: Dataset) -> bytes:
-    """The data set alone (no preamble, no group 0002), explicit VR little endian, as pydicom writes it."""
-    ds = copy.deepcopy(ds)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = BytesIO()
-    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
-    raw = buffer.getvalue()
-    (group_length,) = struct.unpack("<I", raw[140:144])
-    return raw[144 + group_length :]
-
-
-def header_of(ds: Dataset, **changes: str) -> InstanceHeader:
-    values = {
-        "sop_class_uid": str(ds.SOPClassUID),
-        "sop_instance_uid": str(ds.SOPInstanceUID),
-        "study_uid": str(ds.StudyInstanceUID),
-        "series_uid": str(ds.SeriesInstanceUID),
-        "transfer_syntax_uid": ExplicitVRLittleEndian,
-        "modality": str(ds.Modality),
-        "series_number": int(ds.SeriesNumber),
-        "series_description": str(ds.SeriesDescription),
-        "instance_number": int(ds.InstanceNumber),
-    }
-    return InstanceHeader(**(values | changes))
+from tests.stored_instances import (
+    CALLER,
+    count,
+    encode,
+    files_under,
+    header_of,
+    rows,
+    run_concurrently,
+    store_at_once,
+    target_of,
+)
 
 
 def new_slice(index: int = 0, *, study: str | None = None, series: str | None = None, **kwargs: str) -> Dataset:
@@ -91,45 +68,6 @@ def make_store(data_dir: Path, db: Database, min_free_bytes: int = 0) -> Instanc
 @pytest.fixture
 def store(data_dir: Path, db: Database) -> InstanceStore:
     return make_store(data_dir, db)
-
-
-def target_of(data_dir: Path, ds: Dataset) -> Path:
-    return data_dir / "studies" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
-
-
-def files_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def rows(db: Database, model: type) -> list:
-    with db.session() as session:
-        return list(session.scalars(select(model).order_by(model.id)))
-
-
-def count(db: Database, model: type) -> int:
-    with db.session() as session:
-        return int(session.scalar(select(func.count()).select_from(model)))
-
-
-def run_concurrently(jobs: list) -> list:  # type: ignore[type-arg]
-    """Run the callables at once (released by one barrier); return results or exceptions, in order."""
-    barrier = threading.Barrier(len(jobs))
-    results: list = [None] * len(jobs)
-
-    def run(i: int) -> None:
-        barrier.wait(timeout=TIMEOUT_S)
-        try:
-            results[i] = jobs[i]()
-        except Exception as exc:  # reported to the test as a value
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=TIMEOUT_S)
-    assert not any(thread.is_alive() for thread in threads), "a store did not finish"
-    return results
 
 
 def test_stored_instance_is_a_part10_file_with_a_matching_row(
@@ -348,8 +286,7 @@ def test_eight_instances_of_a_new_series_at_once(store: InstanceStore, data_dir:
     for _ in range(3):
         study, series = generate_uid(), generate_uid()
         slices = [new_slice(i, study=study, series=series) for i in range(8)]
-        payloads = [(header_of(ds), encode(ds)) for ds in slices]
-        results = run_concurrently([lambda h=h, d=d: store.store(h, d, CALLER) for h, d in payloads])
+        results = store_at_once(store, slices)
         assert results == [Outcome.STORED] * 8, results
         with db.session() as session:
             series_row = session.scalars(select(Series).where(Series.series_uid == series)).one()
