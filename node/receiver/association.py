@@ -132,6 +132,11 @@ class _WakingDUL(DULServiceProvider):
         finally:
             self._wake_rx.close()
             self._wake_tx.close()
+            if not self.assoc.is_established:
+                # The peer left before (or while) negotiating, e.g. a TCP port probe. pynetdicom's
+                # acceptor would wait out the ACSE timeout for an A-ASSOCIATE-RQ that cannot come,
+                # holding one of max_associations; end that wait now.
+                self.to_user_queue.put(None)
 
 
 class NodeAssociation(Association):

@@ -355,14 +355,17 @@ def orthanc_default_receiver(workdir: Path) -> contextlib.AbstractContextManager
 
 
 @contextmanager
-def node_noop_receiver(workdir: Path) -> Iterator[Receiver]:
-    """The node's own AE and association classes with a C-STORE handler that keeps nothing.
+def noop_receiver(workdir: Path, stock: bool = False) -> Iterator[Receiver]:
+    """A pynetdicom SCP whose C-STORE handler keeps nothing: with the node's association classes
+    (``node-noop``) or pynetdicom's own (``pynetdicom-noop``).
 
-    Not a receiver anyone should run: it shows how much of the node's time per image is
-    the pynetdicom transport (PDU decode, DIMSE encode, thread hand-offs) rather than storage.
+    Not receivers anyone should run: they show how much of the node's time per image is the
+    pynetdicom transport (PDU decode, DIMSE encode, thread hand-offs) rather than storage, and
+    what the node's association loops changed.
     """
     sys.path.insert(0, str(REPO_ROOT))
     from pynetdicom import AE, evt
+    from pynetdicom.transport import ThreadedAssociationServer
 
     from node.config import NodeConfig
     from node.receiver.association import NodeServer, SenderGate, request_handler_for
@@ -379,16 +382,20 @@ def node_noop_receiver(workdir: Path) -> Iterator[Receiver]:
     ae.maximum_pdu_size = NodeConfig().node.max_pdu_size
     ae.supported_contexts = presentation_contexts(NodeConfig())
     port = free_port()
+    node_classes = {
+        "server_class": NodeServer,
+        "request_handler": request_handler_for(SenderGate(()), handshake_timeout_s=30.0),
+    }
     scp = ae.make_server(
         (LOOPBACK, port),
         evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, set_tcp_nodelay)],
-        server_class=NodeServer,
-        request_handler=request_handler_for(SenderGate(()), handshake_timeout_s=30.0),
+        **({"server_class": ThreadedAssociationServer} if stock else node_classes),
     )
     thread = threading.Thread(target=scp.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Receiver("node-noop", "UADNODE", port, lambda: received[0], "in-process pynetdicom SCP, no-op handler")
+        name, how = ("pynetdicom-noop", "stock") if stock else ("node-noop", "the node's")
+        yield Receiver(name, "UADNODE", port, lambda: received[0], f"in-process SCP, {how} association classes, no-op")
     finally:
         socketserver.BaseServer.shutdown(scp)
         scp.server_close()
@@ -492,7 +499,7 @@ def format_table(results: list[SendResult], unavailable: dict[str, str], series:
     for generated in series:
         name = generated.spec.name
         node = by_key.get((name, "node"))
-        for baseline in ("node-noop", "storescp", "Orthanc", "Orthanc-default"):
+        for baseline in ("node-noop", "pynetdicom-noop", "storescp", "Orthanc", "Orthanc-default"):
             other = by_key.get((name, baseline))
             ratio = f"{node.instances_per_s / other.instances_per_s:.2f}" if node and other else "n/a"
             lines.append(f"  {name}: node/{baseline} = {ratio}")
@@ -501,7 +508,8 @@ def format_table(results: list[SendResult], unavailable: dict[str, str], series:
 
 RECEIVERS = {
     "node": node_receiver,
-    "node-noop": node_noop_receiver,
+    "node-noop": noop_receiver,
+    "pynetdicom-noop": partial(noop_receiver, stock=True),
     "storescp": storescp_receiver,
     "Orthanc": orthanc_receiver,
     "Orthanc-default": orthanc_default_receiver,

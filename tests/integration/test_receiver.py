@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -18,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
 from node.receiver.handlers import set_tcp_nodelay
 from tests.mr_files import CT_IMAGE_STORAGE, mr_series, mr_slice, write_series
-from tests.peers import NodeProcess, require_tool
+from tests.peers import NodeProcess, node_config, require_tool
 
 NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -288,3 +289,34 @@ def test_sigterm_finishes_stores_in_flight(node: NodeProcess) -> None:
     on_disk = {p.stem for p in stored_files(node)}
     assert len(acknowledged) >= 20
     assert set(acknowledged) <= on_disk
+
+
+def test_associations_beyond_the_limit_are_rejected_transiently(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """With max_associations = 1 a second caller is told to come back later, and the first keeps working."""
+    node = node_factory(extra_node="max_associations = 1")
+    deadline = time.monotonic() + 5  # the start-up port probe's slot is freed within milliseconds
+    while not (first := scu().associate("127.0.0.1", node.port, ae_title="UADNODE")).is_established:
+        assert time.monotonic() < deadline, "the only association slot stayed taken"
+        time.sleep(0.05)
+    try:
+        second = scu("SCANNER2").associate("127.0.0.1", node.port, ae_title="UADNODE")
+        assert second.is_rejected
+        assert first.send_c_store(mr_series(1)[0]).Status == 0x0000
+    finally:
+        first.release()
+    assert send(node, mr_series(1), ae_title="SCANNER2") == [0]
+
+
+def test_serve_on_a_busy_port_exits_1_with_a_reason(node: NodeProcess, tmp_path: Path) -> None:
+    """A second node on the same port fails at once with a readable reason, not a traceback."""
+    (tmp_path / "second").mkdir()
+    config = node_config(tmp_path / "second", node.port)
+    result = subprocess.run(
+        [sys.executable, "-m", "node", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{node.port}" in result.stderr
+    assert "Traceback" not in result.stderr
