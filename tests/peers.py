@@ -32,6 +32,16 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_file(path: Path) -> Path:
+    """A data file from a Debian package, or skip (fail under UAD_REQUIRE_PEERS=1) when absent."""
+    if not path.is_file():
+        message = f"{path} is missing (apt-get install mricron-data insighttoolkit5-examples)"
+        if os.environ.get("UAD_REQUIRE_PEERS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
