@@ -1,6 +1,6 @@
 """The node's acceptor association: pynetdicom's, with a sender gate and less waiting.
 
-Three changes to pynetdicom's acceptor, each small and local:
+Four changes to pynetdicom's acceptor, each small and local:
 
 * Sender gate. pynetdicom can require calling AE titles but cannot tie a title
   to the host it calls from; the node's ``allowed_senders`` does both, so the
@@ -13,6 +13,8 @@ Three changes to pynetdicom's acceptor, each small and local:
   poked whenever a PDU is queued for sending: no polling, no idle CPU.
 * TLS handshakes run in each connection's thread, with a timeout, not in the
   accept loop, where one silent client would hold up every other sender.
+* C-STORE responses are encoded directly: pynetdicom builds and encodes a pydicom
+  dataset per reply, ~0.5 ms per image here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import queue
 import select
 import socket
 import ssl
+import struct
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -33,8 +36,13 @@ from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.receiver.part10 import pad_text, pad_uid
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +147,46 @@ class _WakingDUL(DULServiceProvider):
                 self.to_user_queue.put(None)
 
 
+class _DirectStoreReplies(DIMSEServiceProvider):
+    """Sends C-STORE responses encoded by ``encode_store_reply`` rather than through pydicom
+    datasets, which cost about as much as the rest of the reply path together."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        command = encode_store_reply(primitive)
+        if command is None:
+            return super().send_msg(primitive, context_id)
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # last command fragment
+        self.dul.send_pdu(pdata)
+
+
+def encode_store_reply(primitive: Any) -> bytes | None:
+    """The command set of a C-STORE-RSP (PS3.7 9.3.1.2) in implicit VR little endian, or None for
+    anything else (other messages, replies naming an offending element: pynetdicom's way)."""
+    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.OffendingElement is not None or not primitive.AffectedSOPClassUID:
+        return None
+    elements = [
+        _command_element(0x0002, pad_uid(primitive.AffectedSOPClassUID)),
+        _command_element(0x0100, struct.pack("<H", 0x8001)),  # C-STORE-RSP
+        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _command_element(0x0800, struct.pack("<H", 0x0101)),  # no data set follows
+        _command_element(0x0900, struct.pack("<H", primitive.Status)),
+    ]
+    if primitive.ErrorComment:
+        elements.append(_command_element(0x0902, pad_text(primitive.ErrorComment)))
+    if primitive.AffectedSOPInstanceUID:
+        elements.append(_command_element(0x1000, pad_uid(primitive.AffectedSOPInstanceUID)))
+    body = b"".join(elements)
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """Group 0000 is always implicit VR little endian: tag, 32-bit length, value."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
 class NodeAssociation(Association):
     """An acceptor association with the sender gate and the low-latency loops."""
 
@@ -146,6 +194,7 @@ class NodeAssociation(Association):
         super().__init__(ae, MODE_ACCEPTOR)
         self.acse = _GatedACSE(self, gate)
         self.dul = _WakingDUL(self)
+        self.dimse = _DirectStoreReplies(self)
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (MIT licence), with the fixed 1 ms sleep replaced by a

@@ -27,12 +27,12 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: st
     body = b"".join(
         [
             _element(0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, b"UI", _uid(sop_class_uid)),
-            _element(0x0003, b"UI", _uid(sop_instance_uid)),
-            _element(0x0010, b"UI", _uid(transfer_syntax_uid)),
-            _element(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
-            _element(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
-            *([_element(0x0016, b"AE", _text(source_ae))] if source_ae else []),
+            _element(0x0002, b"UI", pad_uid(sop_class_uid)),
+            _element(0x0003, b"UI", pad_uid(sop_instance_uid)),
+            _element(0x0010, b"UI", pad_uid(transfer_syntax_uid)),
+            _element(0x0012, b"UI", pad_uid(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", pad_text(IMPLEMENTATION_VERSION_NAME)),
+            *([_element(0x0016, b"AE", pad_text(source_ae))] if source_ae else []),
         ]
     )
     return _PREAMBLE + _element(0x0000, b"UL", struct.pack("<I", len(body))) + body
@@ -44,12 +44,14 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def pad_uid(value: str) -> bytes:
+    """UIDs are NUL-padded to an even length (PS3.5 9.1)."""
     raw = value.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
-def _text(value: str) -> bytes:
+def pad_text(value: str) -> bytes:
+    """Text values are space-padded to an even length (PS3.5 6.2)."""
     raw = value.encode("ascii", "replace")
     return raw + b" " if len(raw) % 2 else raw
 

@@ -320,3 +320,31 @@ def test_serve_on_a_busy_port_exits_1_with_a_reason(node: NodeProcess, tmp_path:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{node.port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_dcmtk_reads_the_nodes_failure_replies(node_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """dcmtk decodes the node's directly encoded failure reply (bytes are checked in test_store_reply)."""
+    storescu = require_tool("storescu")
+    node = node_factory(min_free_disk_mb=10**9)
+    write_series(mr_series(1), tmp_path / "send")
+    result = subprocess.run(
+        [
+            storescu,
+            "-v",
+            "-aet",
+            "SCANNER1",
+            "-aec",
+            "UADNODE",
+            "+sd",
+            "127.0.0.1",
+            str(node.port),
+            str(tmp_path / "send"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=NODELAY_ENV,
+    )
+    output = result.stdout + result.stderr
+    assert "Received Store Response (Refused: OutOfResources)" in output, output
+    assert stored_files(node) == []
