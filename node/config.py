@@ -7,6 +7,7 @@ arguments; nothing reads the file or the environment behind their back.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from node.selection import SelectionSection
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -181,6 +184,7 @@ class NodeConfig(_Section):
 
     node: NodeSection = Field(default_factory=NodeSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    selection: SelectionSection = Field(default_factory=SelectionSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     destinations: list[Destination] = Field(default_factory=list)
     logging: LoggingSection = Field(default_factory=LoggingSection)
@@ -229,7 +233,12 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     for section, key in locations:
         table = raw.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
-            table[key] = str(base / Path(table[key]).expanduser())
+            table[key] = os.path.normpath(base / Path(table[key]).expanduser())
+    models = raw.get("selection", {}).get("models") if isinstance(raw.get("selection"), dict) else None
+    if isinstance(models, dict):
+        for contrast, path in models.items():
+            if isinstance(path, str) and path:
+                models[contrast] = os.path.normpath(base / Path(path).expanduser())
 
 
 def _format_error(err: dict) -> str:
