@@ -94,9 +94,7 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         """Bind and serve in a background thread; returns the bound (host, port)."""
         node = self.config.node
-        handlers = ReceiverHandlers(
-            store=self.store, db=self.db, log_patient_data=self.config.logging.log_patient_data
-        )
+        handlers = ReceiverHandlers(store=self.store, db=self.db, log_patient_data=self.config.logging.log_patient_data)
         self._server = self.ae.make_server(
             (node.host, node.port),
             ssl_context=tls_context(self.config.tls),
