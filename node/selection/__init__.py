@@ -7,6 +7,7 @@ with :func:`group_by_series`, from files with :func:`read_headers`); output is a
 
 from node.selection.config import SelectionSection
 from node.selection.contrast import Contrast, ContrastFinding, classify_contrast
+from node.selection.record import decide_stored_series
 from node.selection.selector import SeriesDecision, select_series
 from node.selection.series import SeriesHeaders, SeriesSummary, Timing, group_by_series, read_headers, summarise
 
@@ -19,6 +20,7 @@ __all__ = [
     "SeriesSummary",
     "Timing",
     "classify_contrast",
+    "decide_stored_series",
     "group_by_series",
     "read_headers",
     "select_series",
