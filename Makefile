@@ -26,6 +26,7 @@ test: venv
 
 bench: venv
 	$(PY) tests/benchmarks/bench_receive.py
+	$(PY) tests/benchmarks/bench_preprocess.py
 
 clean:
 	rm -rf $(VENV) uad-data .pytest_cache
