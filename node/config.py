@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from node.selection import SelectionSection
+from node.uids import check_uids
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -120,14 +121,9 @@ class StorageSection(_Section):
     @field_validator("stored_sop_classes")
     @classmethod
     def _check_uids(cls, values: list[str]) -> list[str]:
-        from node.uids import is_valid_uid
-
-        bad = [v for v in values if not is_valid_uid(v)]
-        if bad:
-            raise ValueError(f"not valid DICOM UIDs: {bad}")
         if not values:
             raise ValueError("at least one SOP class must be stored")
-        return values
+        return check_uids(values)
 
 
 class TlsSection(_Section):

@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 
 from node.selection.contrast import Contrast
-from node.uids import is_valid_uid
+from node.uids import check_uids
 
 # ImageType values (any position) that mark localizers, derived images, reformats and projections.
 DEFAULT_EXCLUDED_IMAGE_TYPES = ("DERIVED", "SECONDARY", "LOCALIZER", "MPR", "PROJECTION IMAGE", "REFORMATTED")
@@ -67,10 +67,7 @@ class SelectionSection(BaseModel):
     @field_validator("sop_classes")
     @classmethod
     def _check_uids(cls, values: list[str]) -> list[str]:
-        bad = [value for value in values if not is_valid_uid(value)]
-        if bad:
-            raise ValueError(f"not valid DICOM UIDs: {bad}")
-        return values
+        return check_uids(values)
 
     @field_validator("models", mode="before")
     @classmethod
