@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
 
-from node.db import open_database
 from node.db.database import Database
 from node.receiver.storage import InstanceStore
 from node.selection import SelectionSection, decide_stored_series
 from node.status import collect_status
-from tests.mr_files import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, mr_series, mr_slice
+from tests.mr_files import CT_IMAGE_STORAGE, mr_series, mr_slice
 from tests.stored_instances import put
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = open_database(f"sqlite:///{tmp_path / 'node.sqlite'}")
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def store(tmp_path: Path, db: Database) -> InstanceStore:
-    return InstanceStore(tmp_path / "data", db, {MR_IMAGE_STORAGE}, min_free_bytes=0)
 
 
 def series_states(db: Database) -> dict[str, tuple[str, str]]:

@@ -7,7 +7,6 @@ leaves nothing behind; duplicates, replacements and concurrent senders are decid
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -17,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, text
 
 from node import IMPLEMENTATION_CLASS_UID
-from node.db import Event, Instance, Series, Study, open_database
+from node.db import Event, Instance, Series, Study
 from node.db.database import Database
 from node.receiver.storage import (
     CANNOT_UNDERSTAND,
@@ -39,35 +38,12 @@ from tests.stored_instances import (
     store_at_once,
     target_of,
 )
+from tests.unit.conftest import make_store
 
 
 def new_slice(index: int = 0, *, study: str | None = None, series: str | None = None, **kwargs: str) -> Dataset:
     """A slice of a new study/series unless given; ``kwargs`` go to ``mr_slice``."""
     return mr_slice(study or generate_uid(), series or generate_uid(), index, **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    """A migrated SQLite database kept apart from the data dir, so 'no file written' is checkable."""
-    database = open_database(f"sqlite:///{tmp_path / 'db' / 'node.sqlite'}")
-    yield database
-    database.close()
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-def make_store(data_dir: Path, db: Database, min_free_bytes: int = 0) -> InstanceStore:
-    return InstanceStore(
-        data_dir=data_dir, database=db, stored_sop_classes={MR_IMAGE_STORAGE}, min_free_bytes=min_free_bytes
-    )
-
-
-@pytest.fixture
-def store(data_dir: Path, db: Database) -> InstanceStore:
-    return make_store(data_dir, db)
 
 
 def test_stored_instance_is_a_part10_file_with_a_matching_row(
@@ -209,15 +185,19 @@ def test_invalid_uids_are_refused_and_write_nothing(
     assert (count(db, Instance), count(db, Series), count(db, Study)) == (0, 0, 0)
 
 
-def test_low_disk_space_refuses_with_out_of_resources(data_dir: Path, db: Database) -> None:
-    """Free space below min_free_bytes: 0xA700 (the sender retries later), nothing written or recorded."""
-    store = make_store(data_dir, db, min_free_bytes=2**62)
+def assert_refused_retryably(store: InstanceStore, data_dir: Path, db: Database) -> None:
+    """A new instance gets 0xA700 (the sender retries later) and nothing is written or recorded."""
     ds = new_slice()
     with pytest.raises(StoreRefused) as refused:
         store.store(header_of(ds), encode(ds), CALLER)
     assert refused.value.status == OUT_OF_RESOURCES
     assert files_under(data_dir) == []
     assert count(db, Instance) == 0
+
+
+def test_low_disk_space_refuses_with_out_of_resources(data_dir: Path, db: Database) -> None:
+    """Free space below min_free_bytes: 0xA700 (the sender retries later), nothing written or recorded."""
+    assert_refused_retryably(make_store(data_dir, db, min_free_bytes=2**62), data_dir, db)
 
 
 def _break_instances_table(db: Database) -> None:
@@ -248,12 +228,7 @@ def test_database_failure_leaves_no_file_in_studies(store: InstanceStore, data_d
 def test_closed_store_refuses_with_out_of_resources(store: InstanceStore, data_dir: Path, db: Database) -> None:
     """After close() (node shutting down) every store is a retryable 0xA700 and nothing is written."""
     store.close()
-    ds = new_slice()
-    with pytest.raises(StoreRefused) as refused:
-        store.store(header_of(ds), encode(ds), CALLER)
-    assert refused.value.status == OUT_OF_RESOURCES
-    assert files_under(data_dir) == []
-    assert count(db, Instance) == 0
+    assert_refused_retryably(store, data_dir, db)
 
 
 def test_leftover_temp_files_are_removed_on_start(store: InstanceStore, data_dir: Path, db: Database) -> None:
