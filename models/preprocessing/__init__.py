@@ -8,9 +8,16 @@ preprocessed, "linear")`` puts a model-grid map back on the input image's own gr
 from models.preprocessing.errors import PreprocessingError
 from models.preprocessing.grid import Grid, Interpolation
 from models.preprocessing.model_grid import ModelGeometry, ModelGridSpec
-from models.preprocessing.pipeline import Preprocessed, Preprocessor, to_input_grid, to_model_grid
+from models.preprocessing.pipeline import (
+    PREPROCESSING_VERSION,
+    Preprocessed,
+    Preprocessor,
+    to_input_grid,
+    to_model_grid,
+)
 
 __all__ = [
+    "PREPROCESSING_VERSION",
     "Grid",
     "Interpolation",
     "ModelGeometry",

@@ -28,6 +28,8 @@ from models.preprocessing.model_grid import ModelGeometry, ModelGridSpec, model_
 from models.preprocessing.registration import register_to_atlas, registration_target
 
 WORKING_SPACING_MM = 1.0
+# Bump when any step above changes what reaches the model grid: checkpoints record it and refuse a mismatch.
+PREPROCESSING_VERSION = "1"
 
 
 @dataclass(frozen=True, eq=False)
