@@ -51,6 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(run=_status)
+
+    train = commands.add_parser("train", help="train the diffusion model on healthy scans")
+    train.add_argument("--data", required=True, help='a folder of NIfTI files / DICOM series, or "offline"')
+    train.add_argument("--config", default="default", help="model configuration: default or paper")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (rewritten periodically)")
+    train.add_argument("--resume", type=Path, help="continue exactly from this checkpoint")
+    train.add_argument("--minutes", type=float, help="stop after this many minutes")
+    train.add_argument("--steps", type=int, help="stop at this total step count")
+    train.add_argument("--unconditioned", action="store_true", help="no image encoder: the plain DDPM baseline")
+    train.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    train.add_argument("--batch-size", type=int, help="slices per step (default 16)")
+    train.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-4, the paper's)")
+    train.add_argument("--seed", type=int, help="data and noise seed (default 0)")
+    train.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 where the hardware has it")
+    train.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    train.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
+    train.set_defaults(run=_train)
     return parser
 
 
@@ -91,6 +108,46 @@ def _status(args: argparse.Namespace) -> int:
         finally:
             db.close()
     print(json.dumps(status_json(studies), indent=2) if args.json else status_text(studies))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch  # slow to import; only the model commands need it
+
+    from models.checkpoint import CheckpointError
+    from models.data.volumes import DataError
+    from models.training.run import run_training
+    from models.training.trainer import StopAt, TrainingOptions
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    chosen = {
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "precision": args.precision,
+    }
+    options = TrainingOptions(**{name: value for name, value in chosen.items() if value is not None})
+    stop = StopAt(steps=args.steps, seconds=args.minutes * 60 if args.minutes else None)
+    if stop.steps is None and stop.seconds is None:
+        print("give --minutes or --steps", file=sys.stderr)
+        return 2
+    try:
+        checkpoint = run_training(
+            args.data,
+            args.config,
+            args.out,
+            stop,
+            options,
+            resume=args.resume,
+            without_encoder=args.unconditioned,
+            contrast=args.contrast,
+            cache_dir=args.cache,
+        )
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
+        print(f"cannot train: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: step {checkpoint.training['steps']}, {checkpoint.training['seconds'] / 60:.1f} min in all")
     return 0
 
 

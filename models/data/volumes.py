@@ -1,0 +1,276 @@
+"""Healthy volumes to train on, preprocessed onto the model grid once and cached.
+
+Training must see volumes exactly as inference does, so every source goes through the same
+``Preprocessor``; that costs ~6 s a volume, so each result is kept as one ``.npz`` in a cache folder,
+keyed by what it was made from (the file bytes, or the loader name for the offline brains), the
+preprocessing version and the model grid. A stale cache can therefore never be picked up.
+
+Tissue probabilities (CSF, GM, WM) come with each volume so augmentation can synthesise other
+contrasts from the anatomy. For the MNI152 template they are its own probability templates; for
+everything else they are a 3-class Gaussian mixture of the intensities inside the brain, and the
+classes are named by their overlap with the MNI152 tissue templates on the model grid (which is in
+atlas space) rather than by brightness, so a site's T2 or FLAIR scans get the right labels too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from models.data import brains
+from models.preprocessing import (
+    PREPROCESSING_VERSION,
+    ModelGeometry,
+    PreprocessingError,
+    Preprocessor,
+    to_model_grid,
+)
+from models.preprocessing.grid import resample
+
+# Bump when the tissue maps or the cache layout change (the preprocessing has its own version).
+CACHE_VERSION = "2"
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
+TISSUE_CLASSES = ("csf", "gm", "wm")
+# How much the atlas tissue priors are flattened towards uniform: affine registration leaves them blurry.
+PRIOR_SOFTENING = 0.3
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingVolume:
+    """One healthy volume on the model grid, as the preprocessing made it, and its tissue classes."""
+
+    name: str
+    volume: np.ndarray  # (50, 96, 96) float32 in [0, 1], 0 outside the brain
+    brain_mask: np.ndarray  # bool, same shape
+    tissue: np.ndarray | None  # (3, 50, 96, 96) float32 probabilities CSF, GM, WM; 0 outside the brain
+
+
+class DataError(ValueError):
+    """A training source cannot be used; the message is one line naming the file and what is wrong."""
+
+
+def offline_volumes(preprocessor: Preprocessor, cache_dir: Path) -> list[TrainingVolume]:
+    """The offline T1 brains that may be trained on: the MNI152 template and the ITK head. Never Colin27.
+
+    Only two real brains exist offline; augmentation multiplies them. A missing Debian package raises
+    FileNotFoundError saying which to install, rather than silently training on fewer brains.
+    """
+    return [
+        _cached(cache_dir, "mni152", b"loader:mni152_t1", preprocessor, _mni152),
+        _cached(cache_dir, "itk_head", b"loader:itk_head", preprocessor, _itk_head),
+    ]
+
+
+def folder_volumes(folder: Path, preprocessor: Preprocessor, cache_dir: Path) -> list[TrainingVolume]:
+    """A site's healthy scans: NIfTI, MHA/MHD and NRRD files, and DICOM series (one volume per series).
+
+    The folder is searched recursively; other files (sidecars, notes) are ignored, except ``.dcm`` files
+    that belong to no readable series. Raises DataError for an empty folder, an unreadable file, or a
+    scan the preprocessing rejects.
+    """
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    sources = _find_sources(folder)
+    if not sources:
+        raise DataError(f"{folder}: no NIfTI, MHA, NRRD or DICOM series found")
+    return [_cached(cache_dir, source.name, source.fingerprint(), preprocessor, source.build) for source in sources]
+
+
+# --- sources ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One volume in a folder: an image file, or the files of one DICOM series."""
+
+    name: str
+    files: tuple[Path, ...]
+    series: bool
+
+    def fingerprint(self) -> bytes:
+        digest = hashlib.sha256()
+        for path in self.files:
+            digest.update(path.read_bytes())
+        return digest.digest()
+
+    def build(self, preprocessor: Preprocessor) -> TrainingVolume:
+        image = self._read()
+        try:
+            prepared = preprocessor(image)
+        except PreprocessingError as error:
+            raise DataError(f"{self.name}: preprocessing failed: {error}") from error
+        tissue = clustered_tissue(prepared.volume, prepared.brain_mask, atlas_priors(prepared.geometry))
+        return TrainingVolume(self.name, prepared.volume, prepared.brain_mask, tissue)
+
+    def _read(self) -> sitk.Image:
+        try:
+            if self.series:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames([str(path) for path in self.files])
+                return reader.Execute()
+            return sitk.ReadImage(str(self.files[0]))
+        except RuntimeError as error:
+            reason = next((line for line in str(error).splitlines() if line.strip()), "unknown error")
+            raise DataError(f"{self.name}: cannot be read as an image ({reason.strip()})") from error
+
+
+def _find_sources(folder: Path) -> list[_Source]:
+    sources: list[_Source] = []
+    in_series: set[Path] = set()
+    directories = [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]
+    for directory in directories:
+        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)):
+            files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
+            in_series.update(files)
+            name = f"{directory.relative_to(folder).as_posix()}/series-{series_id}"
+            sources.append(_Source(name=name, files=files, series=True))
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if path.name.lower().endswith(IMAGE_SUFFIXES):
+            sources.append(_Source(name=name, files=(path,), series=False))
+        elif path.suffix.lower() == ".dcm" and path not in in_series:
+            raise DataError(f"{name}: not a readable DICOM image (it belongs to no series)")
+    return sources
+
+
+# --- the offline brains ----------------------------------------------------------------------------------
+
+
+def _mni152(preprocessor: Preprocessor) -> TrainingVolume:
+    """MNI152 with its own GM/WM probability templates; CSF is the rest of the brain."""
+    image = brains.mni152_t1()
+    prepared = preprocessor(image)
+    grey = to_model_grid(brains.mni152_grey_matter(), prepared, "linear")
+    white = to_model_grid(brains.mni152_white_matter(), prepared, "linear")
+    tissue = _tissue_from_maps(grey, white, prepared.brain_mask)
+    return TrainingVolume("mni152", prepared.volume, prepared.brain_mask, tissue)
+
+
+def _itk_head(preprocessor: Preprocessor) -> TrainingVolume:
+    """The ITK head: its k-means labels cover the whole head, so the tissue is clustered here instead."""
+    prepared = preprocessor(brains.itk_head())
+    tissue = clustered_tissue(prepared.volume, prepared.brain_mask, atlas_priors(prepared.geometry))
+    return TrainingVolume("itk_head", prepared.volume, prepared.brain_mask, tissue)
+
+
+# --- tissue ----------------------------------------------------------------------------------------------
+
+
+def atlas_priors(geometry: ModelGeometry) -> np.ndarray:
+    """MNI152 CSF/GM/WM probabilities on the model grid (which lies in atlas space), (3, D, H, W).
+
+    Used only to tell which intensity cluster is which tissue, whatever the contrast.
+    """
+    grey = _atlas_to_model_grid(brains.mni152_grey_matter(), geometry)
+    white = _atlas_to_model_grid(brains.mni152_white_matter(), geometry)
+    brain = _atlas_to_model_grid(brains.mni152_brain_mask(), geometry)
+    return np.stack([np.clip(brain - grey - white, 0.0, 1.0), grey, white]).astype(np.float32)
+
+
+def clustered_tissue(
+    volume: np.ndarray, brain_mask: np.ndarray, priors: np.ndarray, iterations: int = 40
+) -> np.ndarray:
+    """CSF/GM/WM probabilities from a 3-class Gaussian mixture of the intensities inside the brain.
+
+    Soft posteriors, not hard labels, so partial-volume voxels stay mixed when contrast is synthesised.
+    The atlas ``priors`` (3, D, H, W) start each class from its tissue's mean intensity and, softened,
+    weight the classes voxel by voxel (as SPM's unified segmentation does): classes can never swap,
+    whatever the contrast, and the broad, bias-tinged WM peak is not split off by intensity alone.
+    """
+    values = volume[brain_mask].astype(np.float64)
+    weights = (1 - PRIOR_SOFTENING) * priors[:, brain_mask].T.astype(np.float64) + PRIOR_SOFTENING / 3  # (N, 3)
+    posterior = weights / weights.sum(axis=1, keepdims=True)
+    for _ in range(iterations):
+        total = posterior.sum(axis=0) + 1e-12
+        means = (posterior * values[:, None]).sum(axis=0) / total
+        spreads = np.sqrt((posterior * (values[:, None] - means) ** 2).sum(axis=0) / total).clip(min=1e-2)
+        log_p = np.log(weights) - np.log(spreads) - 0.5 * ((values[:, None] - means) / spreads) ** 2
+        log_p -= log_p.max(axis=1, keepdims=True)
+        posterior = np.exp(log_p)
+        posterior /= posterior.sum(axis=1, keepdims=True)
+    tissue = np.zeros((3, *volume.shape), dtype=np.float32)
+    tissue[:, brain_mask] = posterior.T
+    return tissue
+
+
+def _tissue_from_maps(grey: np.ndarray, white: np.ndarray, brain_mask: np.ndarray) -> np.ndarray:
+    """GM/WM probability maps to CSF/GM/WM summing to 1 inside the brain, 0 outside."""
+    grey, white = np.clip(grey, 0.0, 1.0), np.clip(white, 0.0, 1.0)
+    csf = np.clip(1.0 - grey - white, 0.0, 1.0)
+    tissue = np.stack([csf, grey, white])
+    tissue /= tissue.sum(axis=0, keepdims=True).clip(min=1e-6)
+    tissue[:, ~brain_mask] = 0.0
+    return tissue.astype(np.float32)
+
+
+def _atlas_to_model_grid(image: sitk.Image, geometry: ModelGeometry) -> np.ndarray:
+    """An atlas-space image as the preprocessing brings volumes there: 1 mm crop box, then block means."""
+    crop = sitk.GetArrayFromImage(resample(sitk.Cast(image, sitk.sitkFloat32), geometry.crop))
+    nz, ny, nx = geometry.model.shape
+    fz, fy, fx = (c // m for c, m in zip(geometry.crop.shape, geometry.model.shape, strict=True))
+    return crop.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+# --- cache -----------------------------------------------------------------------------------------------
+
+
+def cache_key(source: bytes, geometry: ModelGeometry) -> str:
+    """What a cached volume depends on: its source, the preprocessing version and the model grid.
+
+    The grid enters as the ``ModelGeometry`` the preprocessor derived from its ``ModelGridSpec`` and atlas.
+    """
+    digest = hashlib.sha256()
+    for part in (b"uad-training-volume", CACHE_VERSION.encode(), PREPROCESSING_VERSION.encode()):
+        digest.update(part + b"\0")
+    digest.update(repr(geometry).encode() + b"\0")
+    digest.update(source)
+    return digest.hexdigest()[:24]
+
+
+def _cached(
+    cache_dir: Path,
+    name: str,
+    source: bytes,
+    preprocessor: Preprocessor,
+    build: Callable[[Preprocessor], TrainingVolume],
+) -> TrainingVolume:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-80:]
+    path = cache_dir / f"{stem}-{cache_key(source, preprocessor.geometry)}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as stored:
+                tissue = stored["tissue"]
+                return TrainingVolume(
+                    name=name,
+                    volume=stored["volume"],
+                    brain_mask=stored["brain_mask"],
+                    tissue=tissue if tissue.size else None,
+                )
+        except (OSError, KeyError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    volume = build(preprocessor)
+    _store(path, volume)
+    return volume
+
+
+def _store(path: Path, volume: TrainingVolume) -> None:
+    """Compressed (~3 MB, loads in ~20 ms); written aside and renamed, so a crash leaves no truncated entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tissue = volume.tissue if volume.tissue is not None else np.zeros(0, dtype=np.float32)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez_compressed(file, volume=volume.volume, brain_mask=volume.brain_mask, tissue=tissue)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is no secret
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,66 @@
+"""``uad-node train``: healthy volumes -> cached model-grid volumes -> augmented slices -> a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from models.checkpoint import Checkpoint, load_checkpoint
+from models.data.augment import AugmentConfig
+from models.data.sampler import SliceSampler
+from models.data.volumes import TrainingVolume, folder_volumes, offline_volumes
+from models.diffusion.config import ModelConfig, named_config, unconditioned
+from models.training.trainer import StopAt, TrainingOptions, train
+
+OFFLINE = "offline"  # --data value for the public brains that ship with the project's dependencies
+
+
+def default_cache_dir() -> Path:
+    """Preprocessed model-grid volumes are cached here (one .npz per source; ~1 MB each)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uad-node"
+
+
+def healthy_volumes(data: str, cache_dir: Path) -> list[TrainingVolume]:
+    """``data`` = "offline" (MNI152 and the ITK head; never Colin27) or a folder of NIfTI files / DICOM series."""
+    from models.atlas import load_mni152_atlas
+    from models.preprocessing import Preprocessor
+
+    preprocessor = Preprocessor(load_mni152_atlas())
+    if data == OFFLINE:
+        return offline_volumes(preprocessor, cache_dir)
+    return folder_volumes(Path(data), preprocessor, cache_dir)
+
+
+def run_training(
+    data: str,
+    config_name: str,
+    out: Path,
+    stop: StopAt,
+    options: TrainingOptions,
+    resume: Path | None = None,
+    without_encoder: bool = False,
+    contrast: str = "t1",
+    cache_dir: Path | None = None,
+) -> Checkpoint:
+    """Build the data and train; with ``resume``, the run's own config, options and data seed continue."""
+    previous = load_checkpoint(resume) if resume is not None else None
+    config: ModelConfig = named_config(config_name)
+    if without_encoder:
+        config = unconditioned(config)
+    if previous is not None:
+        contrast = previous.training["data"]["contrast"]
+        options = TrainingOptions.from_dict(previous.training["options"])
+    volumes = healthy_volumes(data, cache_dir or default_cache_dir())
+    if previous is not None and previous.training["data"]["volumes"] != [v.name for v in volumes]:
+        raise ValueError(f"{resume} was trained on other data ({previous.training['data']['source']}); resume with it")
+    augment = AugmentConfig()
+    sampler = SliceSampler(volumes, augment, seed=options.seed, contrast=contrast)
+    description: dict[str, Any] = {
+        "source": data if data == OFFLINE else str(Path(data).resolve()),
+        "volumes": [v.name for v in volumes],
+        "contrast": contrast,
+        "augment": asdict(augment),
+    }
+    return train(config, sampler, options, out, stop, description, resume=previous)

@@ -1,0 +1,211 @@
+"""The training loop: Adam on the L1 x0 loss, an EMA copy of the weights, validation, periodic checkpoints.
+
+Exact resumption is by construction rather than by saving random-number generators: the batch of
+step s is ``sampler.batch(s)`` (a pure function of the data seed and s) and the diffusion noise and
+timesteps of step s come from a generator seeded with (seed, s). A checkpoint therefore needs only
+the weights, the EMA weights, the optimiser state and the step; two half runs equal one full run
+bit for bit on the same machine and thread count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from models.checkpoint import Checkpoint, TrainingState, save_checkpoint
+from models.diffusion.config import ModelConfig
+from models.diffusion.model import DiffusionModel
+from models.precision import Precision, autocast, autocast_dtype, default_device
+
+VALIDATION_SEED = 7_919  # validation noise is fixed for the whole run so validation losses compare
+
+
+class BatchSource(Protocol):
+    def batch(self, step: int, batch_size: int) -> torch.Tensor: ...
+    def validation_batches(self, count: int, batch_size: int) -> list[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    batch_size: int = 16
+    learning_rate: float = 1e-4  # the paper's Adam learning rate
+    ema_decay: float = 0.999  # with a warm-up, (1 + step) / (10 + step), so early EMA weights are not stale
+    seed: int = 0
+    precision: Precision = "auto"
+    channels_last: bool = False  # measured slower with bf16 autocast on these CPUs (bench_model.py)
+    checkpoint_every_s: float = 300.0
+    validate_every: int = 250
+    validation_batches: int = 4
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingOptions:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class StopAt:
+    """Train until the first of these is reached (both None: one step)."""
+
+    steps: int | None = None  # total steps, counting those of the run resumed
+    seconds: float | None = None  # wall time of this invocation
+
+
+def train(
+    config: ModelConfig,
+    data: BatchSource,
+    options: TrainingOptions,
+    out: Path,
+    stop: StopAt,
+    data_description: dict[str, Any],
+    resume: Checkpoint | None = None,
+    progress: Callable[[str], None] = print,
+    device: torch.device | None = None,
+) -> Checkpoint:
+    """Train (or resume) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
+
+    When resuming, the configuration and options stored in ``resume`` win, as exactness demands
+    the same batch size, learning rate and seed; ``config``/``options`` are then only checked.
+    """
+    device = device or default_device()
+    step, seconds_before, history = 0, 0.0, []
+    if resume is not None:
+        if resume.state is None:
+            raise ValueError("this checkpoint holds no training state (a shipped file); resume from the run's own file")
+        config = resume.config
+        options = TrainingOptions.from_dict(resume.training["options"])
+        step, seconds_before = resume.state.step, resume.state.seconds
+        history = list(resume.training.get("history", []))
+    model = DiffusionModel(config).to(device)
+    ema = DiffusionModel(config).to(device).requires_grad_(False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate)
+    if resume is not None and resume.state is not None:
+        model.load_state_dict(resume.state.weights)
+        ema.load_state_dict(resume.ema_weights)
+        optimizer.load_state_dict(resume.state.optimizer)
+    else:
+        ema.load_state_dict(model.state_dict())
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(device, options.precision)
+    validation = [b.to(device) for b in data.validation_batches(options.validation_batches, options.batch_size)]
+
+    first_step = step
+    started = time.monotonic()
+    last_save = last_report = started
+    losses: list[float] = []
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    def checkpoint() -> Checkpoint:
+        training = {
+            "data": data_description,
+            "options": dataclasses.asdict(options),
+            "steps": step,
+            "seconds": seconds_before + elapsed(),
+            "hardware": _hardware(device, dtype),
+            "history": history,
+        }
+        state = TrainingState(
+            step=step, weights=model.state_dict(), optimizer=optimizer.state_dict(), seconds=seconds_before + elapsed()
+        )
+        return Checkpoint(config=config, ema_weights=ema.state_dict(), training=training, state=state)
+
+    while True:
+        batch = data.batch(step, options.batch_size).to(device)
+        if options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        generator = _step_generator(options.seed, step, device)
+        with autocast(device, dtype):
+            loss = model.training_loss(batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _update_ema(ema, model, options.ema_decay, step)
+        step += 1
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower the learning rate")
+
+        finished = _finished(stop, step, elapsed(), resume)
+        if step % options.validate_every == 0 or finished:
+            val = _validation_loss(ema, validation, device, dtype)
+            history.append(
+                {
+                    "step": step,
+                    "train_loss": sum(losses) / len(losses),
+                    "validation_loss": val,
+                    "seconds": round(seconds_before + elapsed(), 1),
+                }
+            )
+            progress(_line(step, step - first_step, losses, val, elapsed(), seconds_before + elapsed()))
+            losses.clear()
+            last_report = time.monotonic()
+        elif time.monotonic() - last_report > 60:
+            progress(_line(step, step - first_step, losses, None, elapsed(), seconds_before + elapsed()))
+            last_report = time.monotonic()
+        if finished or time.monotonic() - last_save > options.checkpoint_every_s:
+            latest = checkpoint()
+            save_checkpoint(latest, out)
+            last_save = time.monotonic()
+            if finished:
+                return latest
+
+
+def _finished(stop: StopAt, step: int, seconds: float, resume: Checkpoint | None) -> bool:
+    if stop.steps is None and stop.seconds is None:
+        return True
+    return (stop.steps is not None and step >= stop.steps) or (stop.seconds is not None and seconds >= stop.seconds)
+
+
+def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+@torch.no_grad()
+def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    rate = min(decay, (1 + step) / (10 + step))
+    for target, source in zip(ema.parameters(), model.parameters(), strict=True):
+        target.lerp_(source.detach(), 1 - rate)
+
+
+@torch.no_grad()
+def _validation_loss(
+    model: DiffusionModel, batches: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None
+) -> float:
+    total = 0.0
+    for index, batch in enumerate(batches):
+        with autocast(device, dtype):
+            total += float(model.training_loss(batch, _step_generator(VALIDATION_SEED, index, device)))
+    return total / max(len(batches), 1)
+
+
+def _line(step: int, steps_this_run: int, losses: list[float], val: float | None, seconds: float, total: float) -> str:
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    parts = [f"step {step}", f"loss {mean:.4f}"]
+    if val is not None:
+        parts.append(f"validation {val:.4f}")
+    parts += [
+        f"{steps_this_run / max(seconds, 1e-9):.2f} steps/s",
+        f"{seconds / 60:.1f} min this run",
+        f"{total / 3600:.2f} h in all",
+    ]
+    return " | ".join(parts)
+
+
+def _hardware(device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": name,
+        "threads": torch.get_num_threads(),
+        "autocast": str(dtype).removeprefix("torch.") if dtype else "fp32",
+        "torch": torch.__version__,
+    }
