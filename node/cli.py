@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import signal
@@ -67,7 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 where the hardware has it")
     train.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     train.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
+    train.add_argument("--snapshot-every", type=int, help="also keep the EMA weights every N steps (learning curves)")
     train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("evaluate", help="a checkpoint against the baselines on Colin27 with lesions")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--unconditioned", type=Path, help="an unconditioned DDPM checkpoint to compare with")
+    evaluate.add_argument("--data", default="offline", help="the model's training data, for the atlas-mean baseline")
+    evaluate.add_argument("--validation", type=int, default=10, help="lesion cases that tune each threshold")
+    evaluate.add_argument("--test", type=int, default=20, help="lesion cases reported")
+    evaluate.add_argument("--healthy", type=int, default=2, help="lesion-free cases for false positives")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the simulated cases")
+    evaluate.add_argument("--json", type=Path, help="write the figures as JSON here")
+    evaluate.add_argument("--ship", type=Path, help="write the deployable checkpoint (fp16, tuned threshold) here")
+    evaluate.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    evaluate.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
@@ -143,11 +159,40 @@ def _train(args: argparse.Namespace) -> int:
             without_encoder=args.unconditioned,
             contrast=args.contrast,
             cache_dir=args.cache,
+            snapshot_every=args.snapshot_every,
         )
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2
     print(f"{args.out}: step {checkpoint.training['steps']}, {checkpoint.training['seconds'] / 60:.1f} min in all")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.checkpoint import CheckpointError, load_checkpoint
+    from models.data.volumes import DataError, default_cache_dir
+    from models.evaluation.harness import format_table, results_json
+    from models.evaluation.run import EvaluationSize, run_evaluation, ship
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        baseline = load_checkpoint(args.unconditioned) if args.unconditioned else None
+        size = EvaluationSize(validation=args.validation, test=args.test, healthy=args.healthy, seed=args.seed)
+        progress = functools.partial(print, file=sys.stderr, flush=True)
+        results = run_evaluation(checkpoint, args.data, args.cache or default_cache_dir(), size, baseline, progress)
+    except (CheckpointError, DataError, FileNotFoundError) as exc:
+        print(f"cannot evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    if args.json:
+        args.json.write_text(json.dumps(results_json(results), indent=2) + "\n")
+    if args.ship:
+        digest = ship(checkpoint, results, args.ship, "uad-node " + " ".join(sys.argv[1:]))
+        print(f"{args.ship}: threshold {results[0].threshold:.4g}, sha256 {digest}", file=sys.stderr)
     return 0
 
 

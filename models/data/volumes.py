@@ -57,6 +57,24 @@ class DataError(ValueError):
     """A training source cannot be used; the message is one line naming the file and what is wrong."""
 
 
+OFFLINE = "offline"  # the data name of the public brains that ship with the project's dependencies
+
+
+def default_cache_dir() -> Path:
+    """Preprocessed model-grid volumes are cached here (one compressed .npz per source, ~3 MB)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uad-node"
+
+
+def healthy_volumes(data: str, cache_dir: Path) -> list[TrainingVolume]:
+    """``data`` = "offline" (MNI152 and the ITK head; never Colin27) or a folder of NIfTI files / DICOM series."""
+    from models.atlas import load_mni152_atlas  # nilearn is slow to import
+
+    preprocessor = Preprocessor(load_mni152_atlas())
+    if data == OFFLINE:
+        return offline_volumes(preprocessor, cache_dir)
+    return folder_volumes(Path(data), preprocessor, cache_dir)
+
+
 def offline_volumes(preprocessor: Preprocessor, cache_dir: Path) -> list[TrainingVolume]:
     """The offline T1 brains that may be trained on: the MNI152 template and the ITK head. Never Colin27.
 

@@ -9,14 +9,14 @@ against GM and oedema. That is what a bright lesion looks like after this prepro
 
 Kinds (sizes are diameters; the model grid has 2 mm voxels, 0.008 mL):
 
-- ``tumour``: an irregular (noise-perturbed) core 15-35 mm across with texture, inside a rim of oedema
-  3-10 mm thick that shows as a GM-like darkening of WM. ``dark``: a T1-hypointense, CSF-like core
+- ``tumour``: an irregular (noise-perturbed) core 20-40 mm across with texture, inside a rim of oedema
+  5-12 mm thick that shows as a GM-like darkening of WM. ``dark``: a T1-hypointense, CSF-like core
   (necrosis, cyst); ``bright``: a core above WM (enhancing tumour, subacute haemorrhage).
-  Placed away from the brain's edge. Changed volume ~2-90 mL.
-- ``wmh``: 2-6 ovoids 4-10 mm in white matter. ``dark``: GM-like (as WMH look on T1); ``bright``: above
-  WM (as on FLAIR). Changed volume ~0.05-4 mL: most are too small for a 2 mm grid, as WMH are.
-- ``stroke`` (dark only): a CSF-like wedge 15-30 mm across whose base lies on the cortex and whose
-  apex points into the brain, as a territorial infarct. Changed volume ~1-20 mL.
+  Placed away from the brain's edge. Changed volume ~9-60 mL (BraTS-like sizes).
+- ``wmh``: 3-8 ovoids 6-12 mm in white matter. ``dark``: GM-like (as WMH look on T1); ``bright``: above
+  WM (as on FLAIR). Changed volume ~0.3-1.5 mL: small for a 2 mm grid and a 5x5x5 median, as real WMH are.
+- ``stroke`` (dark only): a CSF-like wedge 20-40 mm across whose base lies on the cortex and whose
+  apex points into the brain, as a territorial infarct. Changed volume ~4-25 mL.
 
 Edges are soft (a logistic fall-off of ~1 voxel, like partial volume) and lesions carry a little
 texture. The result is clipped to [0, 1] and 0 outside the brain, as a preprocessed volume. The mask
@@ -45,11 +45,11 @@ VOXEL_MM = 2.0
 MIN_VISIBLE_CHANGE = 0.05  # normalised intensity; ~1/6 of the GM-WM contrast
 EDGE_VOXELS = 0.3  # logistic width of the soft edge, in voxels: ~1 voxel of partial volume
 BRIGHT_LEVEL = 1.08  # above WM before clipping: enhancing tumour / FLAIR-like hyperintensity
-TUMOUR_CORE_MM = (15.0, 35.0)
-TUMOUR_OEDEMA_MM = (3.0, 10.0)
-WMH_COUNT = (2, 6)
-WMH_MM = (4.0, 10.0)
-STROKE_MM = (15.0, 30.0)
+TUMOUR_CORE_MM = (20.0, 40.0)
+TUMOUR_OEDEMA_MM = (5.0, 12.0)
+WMH_COUNT = (3, 8)
+WMH_MM = (6.0, 12.0)
+STROKE_MM = (20.0, 40.0)
 
 
 @dataclass(frozen=True, eq=False)

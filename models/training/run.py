@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -10,27 +9,9 @@ from typing import Any
 from models.checkpoint import Checkpoint, load_checkpoint
 from models.data.augment import AugmentConfig
 from models.data.sampler import SliceSampler
-from models.data.volumes import TrainingVolume, folder_volumes, offline_volumes
+from models.data.volumes import OFFLINE, default_cache_dir, healthy_volumes
 from models.diffusion.config import ModelConfig, named_config, unconditioned
 from models.training.trainer import StopAt, TrainingOptions, train
-
-OFFLINE = "offline"  # --data value for the public brains that ship with the project's dependencies
-
-
-def default_cache_dir() -> Path:
-    """Preprocessed model-grid volumes are cached here (one .npz per source; ~1 MB each)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uad-node"
-
-
-def healthy_volumes(data: str, cache_dir: Path) -> list[TrainingVolume]:
-    """``data`` = "offline" (MNI152 and the ITK head; never Colin27) or a folder of NIfTI files / DICOM series."""
-    from models.atlas import load_mni152_atlas
-    from models.preprocessing import Preprocessor
-
-    preprocessor = Preprocessor(load_mni152_atlas())
-    if data == OFFLINE:
-        return offline_volumes(preprocessor, cache_dir)
-    return folder_volumes(Path(data), preprocessor, cache_dir)
 
 
 def run_training(
@@ -43,6 +24,7 @@ def run_training(
     without_encoder: bool = False,
     contrast: str = "t1",
     cache_dir: Path | None = None,
+    snapshot_every: int | None = None,
 ) -> Checkpoint:
     """Build the data and train; with ``resume``, the run's own config, options and data seed continue."""
     previous = load_checkpoint(resume) if resume is not None else None
@@ -63,4 +45,18 @@ def run_training(
         "contrast": contrast,
         "augment": asdict(augment),
     }
-    return train(config, sampler, options, out, stop, description, resume=previous)
+    return train(
+        config,
+        sampler,
+        options,
+        out,
+        stop,
+        description,
+        resume=previous,
+        progress=_print_now,
+        snapshot_every=snapshot_every,
+    )
+
+
+def _print_now(line: str) -> None:
+    print(line, flush=True)  # progress must reach a log file as it happens

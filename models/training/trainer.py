@@ -68,11 +68,14 @@ def train(
     resume: Checkpoint | None = None,
     progress: Callable[[str], None] = print,
     device: torch.device | None = None,
+    snapshot_every: int | None = None,
 ) -> Checkpoint:
     """Train (or resume) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
 
     When resuming, the configuration and options stored in ``resume`` win, as exactness demands
     the same batch size, learning rate and seed; ``config``/``options`` are then only checked.
+    ``snapshot_every`` also keeps the EMA weights every that many steps as ``<out>-step<N>.pt``
+    (fp16, no training state) for learning curves.
     """
     device = device or default_device()
     step, seconds_before, history = 0, 0.0, []
@@ -152,6 +155,9 @@ def train(
         elif time.monotonic() - last_report > 60:
             progress(_line(step, step - first_step, losses, None, elapsed(), seconds_before + elapsed()))
             last_report = time.monotonic()
+        if snapshot_every and step % snapshot_every == 0:
+            snapshot = dataclasses.replace(checkpoint(), state=None)
+            save_checkpoint(snapshot, out.with_name(f"{out.stem}-step{step}{out.suffix}"), half=True)
         if finished or time.monotonic() - last_save > options.checkpoint_every_s:
             latest = checkpoint()
             save_checkpoint(latest, out)

@@ -1,16 +1,41 @@
-"""Fixtures for unit tests of the store: a real SQLite database and data directory under tmp_path."""
+"""Fixtures for unit tests: a real SQLite database and data directory under tmp_path for the store, and
+Colin27 on the model grid (preprocessed once per session) for the model and evaluation tests."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from models.preprocessing import Preprocessor
 from node.db import open_database
 from node.db.database import Database
 from node.receiver.storage import InstanceStore
+from tests import brains
 from tests.mr_files import MR_IMAGE_STORAGE
+
+
+@pytest.fixture(scope="session")
+def preprocessor() -> Preprocessor:
+    from models.atlas import load_mni152_atlas
+
+    return Preprocessor(load_mni152_atlas())
+
+
+@pytest.fixture(scope="session")
+def colin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("colin-cache")
+
+
+@pytest.fixture(scope="session")
+def colin(preprocessor: Preprocessor, colin_cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Colin27 (the evaluation brain) on the model grid: (volume, brain mask)."""
+    from models.evaluation import colin27_model_grid
+
+    brains.colin27(skull=True)  # skips when mricron-data is absent
+    return colin27_model_grid(preprocessor, colin_cache)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ class Discs:
         return (0.4 * brain + 0.5 * inside).float().unsqueeze(1)
 
 
-def _train(out: Path, steps: int, resume: Checkpoint | None = None) -> Checkpoint:
+def _train(out: Path, steps: int, resume: Checkpoint | None = None, snapshot_every: int | None = None) -> Checkpoint:
     torch.manual_seed(0)  # initial weights
     return train(
         TINY,
@@ -63,6 +63,7 @@ def _train(out: Path, steps: int, resume: Checkpoint | None = None) -> Checkpoin
         resume=resume,
         progress=lambda line: None,
         device=torch.device("cpu"),
+        snapshot_every=snapshot_every,
     )
 
 
@@ -78,11 +79,14 @@ def test_two_half_runs_equal_one_full_run(tmp_path: Path) -> None:
     assert [h["step"] for h in resumed.training["history"]] == [3, 6]
 
 
-def test_training_lowers_the_validation_loss(tmp_path: Path) -> None:
-    trained = _train(tmp_path / "run.pt", steps=30)
+def test_training_lowers_the_validation_loss_and_keeps_snapshots(tmp_path: Path) -> None:
+    trained = _train(tmp_path / "run.pt", steps=30, snapshot_every=10)
     history = trained.training["history"]
     assert history[-1]["validation_loss"] < history[0]["validation_loss"]
     assert (tmp_path / "run.pt").is_file()
+    assert sorted(p.name for p in tmp_path.glob("run-step*.pt")) == ["run-step10.pt", "run-step20.pt", "run-step30.pt"]
+    snapshot = load_checkpoint(tmp_path / "run-step20.pt")
+    assert snapshot.state is None and snapshot.training["steps"] == 20
 
 
 def test_checkpoint_round_trip_and_shipped_form(tmp_path: Path) -> None:
