@@ -168,6 +168,29 @@ class Destination(_Section):
     _check_ae = field_validator("ae_title")(_check_ae_title)
 
 
+class ResultsSection(_Section):
+    """How results go back to PACS: the SEG, the Secondary Capture overlays and summary, and their series."""
+
+    seg_empty_frames: Literal["keep", "omit"] = Field(
+        "keep",
+        description="keep = one SEG frame per source slice (OHIF/Weasis mishandle SEG that omit empty frames); "
+        "omit = only frames with findings (smaller)",
+    )
+    seg_score_segment: bool = Field(False, description="also send the score map as a FRACTIONAL SEG (RLE)")
+    max_overlay_images: int = Field(12, ge=0, le=1000, description="overlay images per series; 0 = summary only")
+    seg_series_number: int = Field(9901, ge=0, le=2**31 - 1)
+    overlay_series_number: int = Field(9902, ge=0, le=2**31 - 1, description="overlays and the summary image")
+    manufacturer: str = Field("uad-node", min_length=1, max_length=64)
+    institution_name: str = Field("", max_length=64, description="empty = not written")
+    device_serial_number: str = Field("", max_length=64, description="empty = this machine's host name")
+
+    @model_validator(mode="after")
+    def _distinct_series(self) -> ResultsSection:
+        if self.seg_series_number == self.overlay_series_number:
+            raise ValueError("seg_series_number and overlay_series_number must differ (two series, two numbers)")
+        return self
+
+
 class LoggingSection(_Section):
     """Log level and whether patient data may appear in logs (never, unless debugging)."""
 
@@ -183,6 +206,7 @@ class NodeConfig(_Section):
     selection: SelectionSection = Field(default_factory=SelectionSection)
     tls: TlsSection = Field(default_factory=TlsSection)
     destinations: list[Destination] = Field(default_factory=list)
+    results: ResultsSection = Field(default_factory=ResultsSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @field_validator("destinations")

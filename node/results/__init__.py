@@ -1,0 +1,23 @@
+"""Results back to PACS: the anomaly SEG, Secondary Capture overlays and summary, and report.json.
+
+Every object belongs to the source study, lives in a new series with new UIDs on every build, references
+the source images it was computed from, and is marked research use only.
+"""
+
+from node.results.findings import Findings, findings_from
+from node.results.overlays import build_overlays
+from node.results.report import series_report, write_report
+from node.results.seg import build_segmentation, build_segmentations
+from node.results.summary import build_secondary_captures, build_summary
+
+__all__ = [
+    "Findings",
+    "build_overlays",
+    "build_secondary_captures",
+    "build_segmentation",
+    "build_segmentations",
+    "build_summary",
+    "findings_from",
+    "series_report",
+    "write_report",
+]

@@ -1,0 +1,64 @@
+"""report.json: one machine-readable entry per series of an analysis, selected or not, with the figures the
+summary image shows, so researchers and scripts read the same numbers a radiologist sees."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from node.results.findings import Findings
+
+
+def series_report(
+    series_uid: str,
+    selected: bool,
+    reason: str,
+    findings: Findings | None,
+    model: str | None,
+    threshold: float | None,
+    timings_s: dict[str, float],
+) -> dict:
+    """One entry of report.json. Figures are null for a series that was not analysed (``findings`` None);
+    ``model`` and ``threshold`` default to the findings' own when those are given."""
+    return {
+        "series_uid": series_uid,
+        "selected": bool(selected),
+        "reason": reason,
+        "model": model if model is not None else (_model(findings) if findings is not None else None),
+        "threshold": _number(threshold if threshold is not None else (findings.threshold if findings else None)),
+        "anomaly_volume_ml": _number(findings.anomaly_volume_ml if findings is not None else None),
+        "components": findings.components if findings is not None else None,
+        "max_score": _number(findings.max_score if findings is not None else None),
+        "timings_s": {name: round(float(seconds), 3) for name, seconds in timings_s.items()},
+    }
+
+
+def write_report(path: Path, entries: list[dict]) -> None:
+    """Write ``{"series": entries}`` atomically: a reader sees the old report or the new one, never half of one
+    (temporary file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"series": entries}, indent=2, allow_nan=False) + "\n"
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _model(findings: Findings) -> str:
+    return f"{findings.model_name} {findings.model_version}"
+
+
+def _number(value: float | None) -> float | None:
+    """Rounded for reading (6 significant digits); None for absent or non-finite values (JSON has no NaN)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(f"{value:.6g}")
