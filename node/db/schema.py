@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 UID = String(64)
@@ -106,3 +117,31 @@ class Event(Base):
     series_uid: Mapped[str] = mapped_column(String(64), default="")
     sop_instance_uid: Mapped[str] = mapped_column(String(64), default="")
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Delivery(Base):
+    """One result instance owed to one destination, and how sending it went.
+
+    A row exists from the first attempt on; ``delivered`` rows are never sent again, which
+    makes a re-run after a partial failure send only the rest. No patient data, only UIDs.
+    """
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    # The sent object's own series (a SEG or SC series) and the analysed series it belongs to.
+    series_uid: Mapped[str] = mapped_column(UID)
+    source_series_uid: Mapped[str] = mapped_column(UID, index=True)
+    path: Mapped[str] = mapped_column(Text)
+    # pending | delivered | failed-transient | failed-permanent
+    state: Mapped[str] = mapped_column(String(24), index=True, default="pending")
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_deliveries_destination_sop"),)

@@ -368,8 +368,8 @@ def noop_receiver(workdir: Path, stock: bool = False) -> Iterator[Receiver]:
     from pynetdicom.transport import ThreadedAssociationServer
 
     from node.config import NodeConfig
+    from node.network import set_tcp_nodelay
     from node.receiver.association import NodeServer, SenderGate, request_handler_for
-    from node.receiver.handlers import set_tcp_nodelay
     from node.receiver.server import presentation_contexts
 
     received = [0]

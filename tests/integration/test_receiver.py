@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from node.receiver.handlers import set_tcp_nodelay
+from node.network import set_tcp_nodelay
 from tests.mr_files import CT_IMAGE_STORAGE, mr_series, mr_slice, write_series
 from tests.peers import NodeProcess, node_config, require_tool
 

@@ -20,7 +20,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import MRImageStorage, Verification
 
-from node.receiver.handlers import set_tcp_nodelay
+from node.network import set_tcp_nodelay
 from tests.mr_files import mr_series, write_series
 from tests.peers import NodeProcess, require_tool
 
