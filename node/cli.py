@@ -53,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(run=_status)
 
+    analyze = commands.add_parser("analyze", help="the whole pipeline on a folder of DICOM files, offline")
+    analyze.add_argument("input", type=Path, help="a folder with a series or a whole study (searched recursively)")
+    analyze.add_argument("--out", type=Path, required=True, help="where SEG, overlays, summary.png and report.json go")
+    analyze.add_argument("--config", type=Path, help="config file (default: the embedded defaults, shipped T1 model)")
+    analyze.set_defaults(run=_analyze)
+
     train = commands.add_parser("train", help="train the diffusion model on healthy scans")
     train.add_argument("--data", required=True, help='a folder of NIfTI files / DICOM series, or "offline"')
     train.add_argument("--config", default="default", help="model configuration: default or paper")
@@ -124,6 +130,24 @@ def _status(args: argparse.Namespace) -> int:
         finally:
             db.close()
     print(json.dumps(status_json(studies), indent=2) if args.json else status_text(studies))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from node.analyze_folder import InputError, analyze_folder
+
+    config = _load(args.config) if args.config else NodeConfig()
+    if config is None:
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every attribute it copies
+    try:
+        entries = analyze_folder(args.input, args.out, config)
+    except InputError as exc:
+        print(f"cannot analyze: {exc}", file=sys.stderr)
+        return 2
+    analysed = sum(1 for entry in entries if entry.get("model"))
+    print(f"{args.out / 'report.json'}: {len(entries)} series, {analysed} analysed")
     return 0
 
 

@@ -84,15 +84,29 @@ class _Rescale:
         return np.round((values - self.intercept) / self.slope).astype(np.int16)
 
 
-def write_mr_series(volume: sitk.Image, folder: Path, *, slice_thickness: float | None = None) -> list[Path]:
-    """One MR Image Storage file per slice of ``volume``; returns the paths in slice order (k)."""
+def write_mr_series(
+    volume: sitk.Image,
+    folder: Path,
+    *,
+    slice_thickness: float | None = None,
+    description: str | None = None,
+    study_uid: str | None = None,
+    series_number: int = 1,
+) -> list[Path]:
+    """One MR Image Storage file per slice of ``volume``; returns the paths in slice order (k).
+
+    ``description`` becomes the SeriesDescription (series selection reads it); ``study_uid`` puts
+    the series into an existing study."""
     folder.mkdir(parents=True, exist_ok=True)
     voxels = sitk.GetArrayViewFromImage(volume)
     rescale = _Rescale.fitting(voxels)
-    series = _series(volume)
+    series = _series(volume, study_uid)
     paths = []
     for k in range(volume.GetDepth()):
         ds = _instance(series, MR_IMAGE_STORAGE)
+        ds.SeriesNumber = series_number
+        if description is not None:
+            ds.SeriesDescription = description
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = _ds(volume.TransformIndexToPhysicalPoint((0, 0, k)))
         ds.ImageOrientationPatient = _ds(_orientation(volume))
@@ -155,9 +169,9 @@ class _Series:
     columns: int
 
 
-def _series(volume: sitk.Image) -> _Series:
+def _series(volume: sitk.Image, study_uid: str | None = None) -> _Series:
     width, height, _ = volume.GetSize()
-    return _Series(generate_uid(), generate_uid(), generate_uid(), rows=height, columns=width)
+    return _Series(study_uid or generate_uid(), generate_uid(), generate_uid(), rows=height, columns=width)
 
 
 def _instance(series: _Series, sop_class_uid: str) -> Dataset:
@@ -174,6 +188,7 @@ def _instance(series: _Series, sop_class_uid: str) -> Dataset:
     ds.FrameOfReferenceUID = series.frame_of_reference_uid
     ds.PatientName = "TEST^BRAIN"
     ds.PatientID = "TEST-BRAIN-0001"
+    ds.StudyDate, ds.StudyTime, ds.StudyID = "20260101", "120000", "1"
     ds.Modality = "MR"
     ds.SeriesNumber = 1
     ds.Rows, ds.Columns = series.rows, series.columns

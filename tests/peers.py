@@ -154,3 +154,16 @@ log_patient_data = {str(log_patient_data).lower()}
 """
     )
     return path
+
+
+def validate_with_dciodvfy(path: Path) -> list[str]:
+    """Validate a DICOM file against its IOD with dicom3tools' dciodvfy: fail on any "Error" line,
+    return (and print) the warnings."""
+    tool = require_tool("dciodvfy")
+    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    print(f"dciodvfy {path.name}: {len(warnings)} warning(s)", *warnings, sep="\n  ")
+    assert not errors, "\n".join(errors)
+    return warnings

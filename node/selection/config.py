@@ -17,6 +17,9 @@ from pydicom.uid import EnhancedMRImageStorage, MRImageStorage
 from node.selection.contrast import Contrast
 from node.uids import check_uids
 
+# The T1 checkpoint the project ships (models/checkpoints/ sits beside this package, installed or not).
+SHIPPED_T1_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "default-t1.pt"
+
 # ImageType values (any position) that mark localizers, derived images, reformats and projections.
 DEFAULT_EXCLUDED_IMAGE_TYPES = ("DERIVED", "SECONDARY", "LOCALIZER", "MPR", "PROJECTION IMAGE", "REFORMATTED")
 
@@ -46,7 +49,9 @@ class SelectionSection(BaseModel):
     )
     exclude: list[Pattern] = Field(default_factory=list)
     min_slices: int = Field(20, ge=1)
-    models: dict[Contrast, Path] = Field(default_factory=dict, description="contrast class -> checkpoint file")
+    models: dict[Contrast, Path] = Field(
+        default_factory=lambda: {Contrast.T1: SHIPPED_T1_CHECKPOINT}, description="contrast class -> checkpoint file"
+    )
 
     @field_validator("modalities", "excluded_image_types")
     @classmethod

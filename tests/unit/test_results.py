@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from node.results.findings import count_components
 from node.volume import SeriesVolume, series_to_volume
 from tests.brains import mni152_t1
 from tests.dicom_series import AXIAL, CORONAL, centred_grid, resample, rotated, write_enhanced_mr, write_mr_series
-from tests.peers import require_tool
+from tests.peers import validate_with_dciodvfy
 
 REPO = Path(__file__).resolve().parents[2]
 STUDY_ATTRIBUTES = {  # what a scanner writes and the test writer leaves out
@@ -108,16 +107,9 @@ def results_cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Case]:
 
 
 def dciodvfy(ds: Dataset, path: Path) -> list[str]:
-    """Write ``ds`` and validate it; fail on any "Error" line, return (and print) the warnings."""
-    tool = require_tool("dciodvfy")
+    """Write ``ds`` and validate it (fails on any "Error" line); returns the warnings."""
     ds.save_as(path, enforce_file_format=True)
-    run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
-    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning")]
-    print(f"dciodvfy {path.name}: {len(warnings)} warning(s)", *warnings, sep="\n  ")
-    assert not errors, "\n".join(errors)
-    return warnings
+    return validate_with_dciodvfy(path)
 
 
 def read_mask(seg: hd.seg.Segmentation, volume: SeriesVolume, omitted: bool = False) -> np.ndarray:

@@ -26,6 +26,7 @@ from node.selection import (
     select_series,
     summarise,
 )
+from node.selection.config import SHIPPED_T1_CHECKPOINT
 from tests.mr_files import mr_series, write_series
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -437,9 +438,9 @@ def test_config_defaults() -> None:
     assert config.sop_classes == [MR, ENHANCED_MR]
     assert config.min_slices == 20
     assert "LOCALIZER" in config.excluded_image_types
-    assert config.models == {}
-    decision = select_series(mr_headers("t1_mprage_sag_p2_iso", 176, tr=2300, te=2.98, ti=900), config)
-    assert decision.reason.startswith("contrast class T1 has no model configured")
+    assert config.models == {Contrast.T1: SHIPPED_T1_CHECKPOINT} and SHIPPED_T1_CHECKPOINT.is_file()
+    decision = select_series(mr_headers("t2_tse_tra", 30, tr=5000, te=100), config)
+    assert decision.reason.startswith("contrast class T2 has no model configured")
 
 
 def test_proposed_toml_section_is_valid() -> None:

@@ -1,0 +1,132 @@
+"""One selected series through the whole pipeline: DICOM files -> volume -> model grid -> anomaly map ->
+findings on the series' own grid -> SEG and Secondary Capture objects.
+
+``Analyser`` loads what is expensive once per process (the atlas and its registration target, ~2 s;
+each checkpoint, on first use) and is then reused for every series, by ``uad-node analyze`` and by the
+node's job workers alike. Every failure the input can cause is an ``AnalysisError`` whose message is
+the one-line reason recorded for the series.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom.dataset import Dataset
+
+from node.config import ResultsSection
+from node.results import Findings, build_secondary_captures, build_segmentations, findings_from
+from node.volume import VolumeRejected, series_to_volume
+from node.volume.assemble import Instance
+
+if TYPE_CHECKING:  # imported lazily at run time: torch and nilearn take seconds to import
+    from models.detector import AnomalyDetector
+    from models.preprocessing import Preprocessor
+
+
+class AnalysisError(Exception):
+    """The series cannot be analysed; the message says why in one line."""
+
+
+@dataclass(frozen=True, eq=False)
+class SeriesAnalysis:
+    """What one analysed series produced, ready to be written or sent."""
+
+    series_uid: str
+    findings: Findings
+    segmentations: list[Dataset]  # the BINARY SEG (and the FRACTIONAL score SEG when configured)
+    secondary_captures: list[Dataset]  # the summary first, then the overlays, one SC series
+    summary_png: bytes
+    model: str
+    threshold: float
+    timings_s: dict[str, float]  # volume, preprocessing, inference, objects
+
+
+class Analyser:
+    """The pipeline with its expensive parts loaded once (see the module docstring)."""
+
+    def __init__(self, results: ResultsSection) -> None:
+        self._results = results
+        self._preprocessor: Preprocessor | None = None
+        self._detectors: dict[Path, AnomalyDetector] = {}
+
+    def analyse(self, instances: Sequence[Instance], checkpoint: Path) -> SeriesAnalysis:
+        """Analyse the instances of one series with the model in ``checkpoint``; raises AnalysisError."""
+        from models.preprocessing import PreprocessingError, to_input_grid
+
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(stage: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[stage] = round(now - clock, 3)
+            clock = now
+
+        detector = self._detector(checkpoint)
+        try:
+            volume = series_to_volume(instances)
+        except VolumeRejected as exc:
+            raise AnalysisError(str(exc)) from exc
+        lap("volume")
+        try:
+            prepared = self._prepare()(volume.image)
+        except PreprocessingError as exc:
+            raise AnalysisError(f"preprocessing failed: {exc}") from exc
+        lap("preprocessing")
+        result = detector.analyse(prepared.volume, prepared.brain_mask)
+        lap("inference")
+        # The mask goes back as a partial-volume fraction and is cut at one half: smoother outlines on a
+        # finer input grid than nearest-neighbour blocks of 2 mm.
+        mask = sitk.GetArrayFromImage(to_input_grid(result.mask.astype(np.float32), prepared, "linear")) >= 0.5
+        score = sitk.GetArrayFromImage(to_input_grid(result.score, prepared, "linear")).astype(np.float32)
+        name = f"cDDPM {detector.checkpoint.config.name}"
+        findings = findings_from(mask, score, result.threshold, name, detector.version, volume.image.GetSpacing())
+        sources = _headers(instances)
+        segmentations = build_segmentations(volume, sources, findings, self._results)
+        lap("objects")
+        captures, png = build_secondary_captures(volume, sources, findings, timings, self._results)
+        timings["objects"] = round(timings["objects"] + time.perf_counter() - clock, 3)
+        return SeriesAnalysis(
+            series_uid=volume.series_instance_uid,
+            findings=findings,
+            segmentations=segmentations,
+            secondary_captures=captures,
+            summary_png=png,
+            model=f"{name} {detector.version}",
+            threshold=result.threshold,
+            timings_s=timings,
+        )
+
+    def _prepare(self) -> Preprocessor:
+        if self._preprocessor is None:
+            from models.atlas import load_mni152_atlas
+            from models.preprocessing import Preprocessor
+
+            self._preprocessor = Preprocessor(load_mni152_atlas())
+        return self._preprocessor
+
+    def _detector(self, checkpoint: Path) -> AnomalyDetector:
+        from models.checkpoint import CheckpointError
+        from models.detector import AnomalyDetector
+
+        if checkpoint not in self._detectors:
+            try:
+                self._detectors[checkpoint] = AnomalyDetector.from_file(checkpoint)
+            except CheckpointError as exc:
+                raise AnalysisError(str(exc)) from exc
+            if self._detectors[checkpoint].checkpoint.threshold is None:
+                del self._detectors[checkpoint]
+                raise AnalysisError(f"{checkpoint}: no calibrated threshold (ship it with `uad-node evaluate --ship`)")
+        return self._detectors[checkpoint]
+
+
+def _headers(instances: Sequence[Instance]) -> list[Dataset]:
+    import pydicom
+
+    return [i if isinstance(i, Dataset) else pydicom.dcmread(i, stop_before_pixels=True) for i in instances]
