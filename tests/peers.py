@@ -6,6 +6,7 @@ A missing tool skips its tests on a developer machine; with UAD_REQUIRE_PEERS=1
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,6 +14,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,3 +171,64 @@ def validate_with_dciodvfy(path: Path) -> list[str]:
     print(f"dciodvfy {path.name}: {len(warnings)} warning(s)", *warnings, sep="\n  ")
     assert not errors, "\n".join(errors)
     return warnings
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: DICOM and REST ports on 127.0.0.1."""
+
+    dicom_port: int
+    http_port: int
+    process: subprocess.Popen[bytes]
+
+    def get(self, path: str) -> object:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+
+@contextmanager
+def running_orthanc(folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC") -> Iterator[Orthanc]:
+    """A real Orthanc PACS (AE ``ae_title``) storing under ``folder``, knowing ``modalities`` (name -> AE
+    title, all on 127.0.0.1) and checking called AE titles; always stopped. Orthanc listens on all
+    interfaces: only loopback traffic is ever sent to it."""
+    binary = require_tool("Orthanc")
+    folder.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "uad-node-test",
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "storage"),
+        "DicomAet": ae_title,
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": True,
+        "DicomAlwaysAllowStore": False,
+        "DicomModalities": {name: [ae, "127.0.0.1", 104] for name, ae in modalities.items()},
+        "MaximumPduLength": 131072,
+        "DicomScpTimeout": 5,
+        "Plugins": [],
+        "SaveJobs": False,
+        "StorageCompression": False,
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with open(folder / "orthanc.log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, str(folder / "orthanc.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+    try:
+        wait_for_port(http_port, process)
+        wait_for_port(dicom_port, process)
+        yield Orthanc(dicom_port=dicom_port, http_port=http_port, process=process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)

@@ -12,9 +12,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from node.config import Destination, NodeConfig
+from node.db import open_database
+from node.sender import Sender
 from tests import brains
 from tests.dicom_series import AXIAL, SAGITTAL, centred_grid, resample, write_mr_series
-from tests.peers import validate_with_dciodvfy
+from tests.peers import running_orthanc, validate_with_dciodvfy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -46,11 +49,17 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     return folder, str(pydicom.dcmread(t1[0]).SeriesInstanceUID), str(pydicom.dcmread(localizer[0]).SeriesInstanceUID)
 
 
-def test_analyze_writes_seg_overlays_summary_and_report(study: tuple[Path, str, str], tmp_path: Path) -> None:
-    folder, t1_uid, localizer_uid = study
-    out = tmp_path / "out"
-    run = analyze(str(folder), "--out", str(out))
+@pytest.fixture(scope="module")
+def analysed(study: tuple[Path, str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("analysed") / "out"
+    run = analyze(str(study[0]), "--out", str(out))
     assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_analyze_writes_seg_overlays_summary_and_report(study: tuple[Path, str, str], analysed: Path) -> None:
+    folder, t1_uid, localizer_uid = study
+    out = analysed
 
     report = {entry["series_uid"]: entry for entry in json.loads((out / "report.json").read_text())["series"]}
     assert set(report) == {t1_uid, localizer_uid}
@@ -79,3 +88,26 @@ def test_analyze_refuses_unusable_input_with_one_line(tmp_path: Path) -> None:
         run = analyze(str(folder), "--out", str(tmp_path / "out"))
         assert run.returncode == 2
         assert run.stderr.strip().count("\n") == 0 and reason in run.stderr
+
+
+def test_orthanc_shows_the_results_in_the_source_study(
+    study: tuple[Path, str, str], analysed: Path, tmp_path: Path
+) -> None:
+    """The source series and then its results go to a real Orthanc through the node's sender."""
+    folder, t1_uid, _ = study
+    results = analysed / t1_uid
+    files = sorted((folder / "t1").glob("*.dcm")) + [results / "seg.dcm", *sorted((results / "overlays").glob("*.dcm"))]
+    config = NodeConfig.model_validate({"node": {"ae_title": "UADNODE"}})
+    db = open_database(f"sqlite:///{tmp_path / 'node.sqlite'}")
+    try:
+        with running_orthanc(tmp_path / "orthanc", {"uadnode": "UADNODE"}) as pacs:
+            pacs_destination = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port)
+            result = Sender(config, db).send_once(pacs_destination, files, t1_uid)
+            assert (result.outcome, result.delivered) == ("delivered", len(files)), result
+            [study_id] = pacs.get("/studies")
+            series = [pacs.get(f"/series/{s}")["MainDicomTags"] for s in pacs.get(f"/studies/{study_id}")["Series"]]
+    finally:
+        db.close()
+    modalities = sorted(tags["Modality"] for tags in series)
+    assert modalities == ["MR", "OT", "SEG"]
+    assert t1_uid in {tags["SeriesInstanceUID"] for tags in series}

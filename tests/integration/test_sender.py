@@ -6,15 +6,12 @@ Every server a test starts is stopped at teardown; every network wait is a few s
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,7 +37,7 @@ from node.sender import AssociationSettings, DeliveryState, RetryPolicy, Sender
 from node.sender.scu import connect, read_file_header, requested_contexts
 from tests.integration import test_postgres, test_tls
 from tests.mr_files import mr_series, write_series
-from tests.peers import free_port, require_tool, wait_for_port
+from tests.peers import Orthanc, free_port, require_tool, running_orthanc, wait_for_port
 
 pytestmark = pytest.mark.peers
 
@@ -522,62 +519,11 @@ def test_tls_destination_gets_the_files_with_the_node_client_certificate(
 # Orthanc
 
 
-@dataclass
-class Orthanc:
-    dicom_port: int
-    http_port: int
-    process: subprocess.Popen
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=TIMEOUT_S) as response:
-            return json.loads(response.read())
-
-
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """A real Orthanc PACS, AE ORTHANC, that knows the node as a modality and checks called AE titles."""
-    binary = require_tool("Orthanc")
-    folder = tmp_path_factory.mktemp("orthanc")
-    dicom_port, http_port = free_port(), free_port()
-    config = {
-        "Name": "uad-node-test",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": True,
-        "DicomAlwaysAllowStore": False,
-        "DicomModalities": {"uadnode": [NODE_AE, "127.0.0.1", 104]},
-        "MaximumPduLength": 131072,
-        "DicomScpTimeout": 5,
-        "Plugins": [],
-        "SaveJobs": False,
-        "StorageCompression": False,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    log = open(folder / "orthanc.log", "wb")
-    process = subprocess.Popen(
-        [binary, str(folder / "orthanc.json")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    log.close()
-    try:
-        wait_for_port(http_port, process)
-        wait_for_port(dicom_port, process)
-        yield Orthanc(dicom_port=dicom_port, http_port=http_port, process=process)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+    with running_orthanc(tmp_path_factory.mktemp("orthanc"), {"uadnode": NODE_AE}) as pacs:
+        yield pacs
 
 
 def test_orthanc_receives_results_in_the_source_study(db: Database, orthanc: Orthanc, tmp_path: Path) -> None:
