@@ -3,7 +3,9 @@ SEG size in MB for each empty-frame policy and with the score segment.
 
 The series: MNI152 resampled to 256x256x150 at 0.9x0.9x1.2 mm, axial, written as one MR file per slice
 (fake patient) and read back the way the node reads it; the findings are a synthetic score blob (about
-30 mm across) with its mask at the threshold. Sending is not measured here (see the sender's benchmark).
+30 mm across) with its mask at the threshold. Sending: the SEG (empty frames kept) and the SC series
+(summary + overlays) go to dcmtk ``storescp`` on loopback over one association through the node's
+sender, when dcmtk is installed.
 
 Run from the repository root::
 
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +33,8 @@ import SimpleITK as sitk
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT))  # the offline brains and DICOM helpers live in tests/
 
-from node.config import ResultsSection  # noqa: E402
+from node.config import Destination, NodeConfig, ResultsSection  # noqa: E402
+from node.db import open_database  # noqa: E402
 from node.results import (  # noqa: E402
     Findings,
     build_overlays,
@@ -37,9 +42,11 @@ from node.results import (  # noqa: E402
     build_summary,
     findings_from,
 )
+from node.sender import Sender  # noqa: E402
 from node.volume import SeriesVolume, series_to_volume  # noqa: E402
 from tests.brains import mni152_t1  # noqa: E402
 from tests.dicom_series import AXIAL, centred_grid, resample, write_mr_series  # noqa: E402
+from tests.peers import free_port, wait_for_port  # noqa: E402
 
 
 def clinical_series(folder: Path) -> tuple[SeriesVolume, list[pydicom.Dataset]]:
@@ -104,7 +111,35 @@ def main() -> None:
             lambda: build_summary(volume, sources, findings, {"total": 40.0}, options), args.repeat
         )
         rows.append(f"{'summary (SC + PNG)':<36} {seconds:6.2f} s   {size_mb(summary, folder / 'summary.dcm'):.2f} MB")
+        files = [folder / "seg0.dcm", folder / "summary.dcm", *(folder / f"sc{i}.dcm" for i in range(len(overlays)))]
+        if shutil.which("storescp"):
+            rows.append(f"{f'send SEG + {len(files) - 1} SC to storescp':<36} {send_seconds(files, folder):6.2f} s")
         print("\n".join(rows))
+
+
+def send_seconds(files: list[Path], folder: Path) -> float:
+    """Wall time of one ``send_once`` of ``files`` to a dcmtk storescp on 127.0.0.1 (TCP_NODELAY both ends)."""
+    port = free_port()
+    (folder / "received").mkdir()
+    scp = subprocess.Popen(
+        ["storescp", "-od", str(folder / "received"), "-pdu", "131072", str(port)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    db = open_database(f"sqlite:///{folder / 'node.sqlite'}")
+    try:
+        wait_for_port(port, scp)
+        config = NodeConfig.model_validate({"node": {"ae_title": "UADNODE"}})
+        start = time.perf_counter()
+        result = Sender(config, db).send_once(
+            Destination(name="scp", ae_title="STORESCP", host="127.0.0.1", port=port), files, "1.2.3"
+        )
+        seconds = time.perf_counter() - start
+        assert result.outcome == "delivered", result
+        return seconds
+    finally:
+        db.close()
+        scp.terminate()
+        scp.wait(timeout=10)
 
 
 if __name__ == "__main__":
