@@ -13,6 +13,7 @@ same volume always gives the same map.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,9 @@ class AnomalyDetector:
         precision: Precision = "auto",
         seed: int = 0,
         batch_size: int = 32,
+        timesteps: Sequence[int] | None = None,
     ) -> None:
+        """``timesteps`` overrides the checkpoint's noise ensemble (for ablations); None keeps it."""
         self.checkpoint = checkpoint
         self.device = device or default_device()
         self.model = DiffusionModel(checkpoint.config)
@@ -53,6 +56,7 @@ class AnomalyDetector:
         self._dtype = autocast_dtype(self.device, precision)
         self._seed = seed
         self._batch_size = batch_size
+        self.timesteps = tuple(timesteps or checkpoint.config.ensemble_timesteps)
 
     @classmethod
     def from_file(cls, path: Path, **kwargs: object) -> AnomalyDetector:
@@ -72,7 +76,7 @@ class AnomalyDetector:
             chosen = slices[start : start + self._batch_size]
             batch = torch.from_numpy(volume[chosen]).float().unsqueeze(1).to(self.device)
             with autocast(self.device, self._dtype):
-                output = self.model.reconstruct(batch, generator)
+                output = self.model.reconstruct(batch, generator, self.timesteps)
             reconstruction[chosen] = output.float().squeeze(1).cpu().numpy()
         return reconstruction
 

@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the simulated cases")
     evaluate.add_argument("--json", type=Path, help="write the figures as JSON here")
     evaluate.add_argument("--ship", type=Path, help="write the deployable checkpoint (fp16, tuned threshold) here")
+    evaluate.add_argument("--timesteps", help="noise ensemble to use instead of the checkpoint's, e.g. 250 or 250,500")
     evaluate.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     evaluate.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
     evaluate.set_defaults(run=_evaluate)
@@ -207,15 +208,18 @@ def _evaluate(args: argparse.Namespace) -> int:
         baseline = load_checkpoint(args.unconditioned) if args.unconditioned else None
         size = EvaluationSize(validation=args.validation, test=args.test, healthy=args.healthy, seed=args.seed)
         progress = functools.partial(print, file=sys.stderr, flush=True)
-        results = run_evaluation(checkpoint, args.data, args.cache or default_cache_dir(), size, baseline, progress)
-    except (CheckpointError, DataError, FileNotFoundError) as exc:
+        timesteps = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
+        results = run_evaluation(
+            checkpoint, args.data, args.cache or default_cache_dir(), size, baseline, progress, timesteps
+        )
+    except (CheckpointError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"cannot evaluate: {exc}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results_json(results), indent=2) + "\n")
     if args.ship:
-        digest = ship(checkpoint, results, args.ship, "uad-node " + " ".join(sys.argv[1:]))
+        digest = ship(checkpoint, results, args.ship, "uad-node " + " ".join(sys.argv[1:]), timesteps)
         print(f"{args.ship}: threshold {results[0].threshold:.4g}, sha256 {digest}", file=sys.stderr)
     return 0
 

@@ -8,7 +8,8 @@ volumes of ``--data``), which is exactly the knowledge a model trained on them c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,13 +47,20 @@ def run_evaluation(
     size: EvaluationSize,
     unconditioned: Checkpoint | None = None,
     progress: Callable[[str], None] = print,
+    timesteps: Sequence[int] | None = None,
 ) -> list[MethodResult]:
-    """The model, the unconditioned DDPM (when given), atlas-mean and intensity baselines, in that order."""
+    """The model, the unconditioned DDPM (when given), atlas-mean and intensity baselines, in that order.
+
+    ``timesteps`` replaces both diffusion models' noise ensemble (an inference-time ablation)."""
     evaluation = evaluation_set(size, cache_dir)
     training = [v.volume for v in healthy_volumes(data, cache_dir)]
-    methods: list[tuple[str, Scorer]] = [(f"cDDPM ({checkpoint.config.name})", AnomalyDetector(checkpoint).residual)]
+    methods: list[tuple[str, Scorer]] = [
+        (f"cDDPM ({checkpoint.config.name})", AnomalyDetector(checkpoint, timesteps=timesteps).residual)
+    ]
     if unconditioned is not None:
-        methods.append((f"DDPM ({unconditioned.config.name})", AnomalyDetector(unconditioned).residual))
+        methods.append(
+            (f"DDPM ({unconditioned.config.name})", AnomalyDetector(unconditioned, timesteps=timesteps).residual)
+        )
     methods += [
         (f"atlas-mean ({len(training)} training brains)", AtlasMeanBaseline(training)),
         ("intensity", intensity_baseline),
@@ -64,11 +72,20 @@ def run_evaluation(
     return results
 
 
-def ship(checkpoint: Checkpoint, results: list[MethodResult], out: Path, command: str) -> str:
-    """The deployable file: fp16 EMA weights, no training state, the model's validation-tuned threshold
-    and the evaluation that chose it. Returns the content hash."""
+def ship(
+    checkpoint: Checkpoint,
+    results: list[MethodResult],
+    out: Path,
+    command: str,
+    timesteps: Sequence[int] | None = None,
+) -> str:
+    """The deployable file: fp16 EMA weights, no training state, the model's validation-tuned threshold,
+    the noise ensemble it was evaluated with and the evaluation itself. Returns the content hash."""
+    config = checkpoint.config
+    if timesteps is not None:
+        config = dataclasses.replace(config, ensemble_timesteps=tuple(timesteps))
     shipped = Checkpoint(
-        config=checkpoint.config,
+        config=config,
         ema_weights=checkpoint.ema_weights,
         training=checkpoint.training,
         threshold=float(results[0].threshold),
@@ -77,3 +94,7 @@ def ship(checkpoint: Checkpoint, results: list[MethodResult], out: Path, command
         grid_spec=checkpoint.grid_spec,
     )
     return save_checkpoint(shipped, out, half=True)
+
+
+def _ts(detector: AnomalyDetector) -> str:
+    return ",".join(str(t) for t in detector.timesteps)
