@@ -63,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help='a folder of NIfTI files / DICOM series, or "offline"')
     train.add_argument("--config", default="default", help="model configuration: default or paper")
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (rewritten periodically)")
-    train.add_argument("--resume", type=Path, help="continue exactly from this checkpoint")
+    train.add_argument(
+        "--resume", type=Path, help="continue from this checkpoint: exactly from a run file, warm from a shipped one"
+    )
     train.add_argument("--minutes", type=float, help="stop after this many minutes")
     train.add_argument("--steps", type=int, help="stop at this total step count")
     train.add_argument("--unconditioned", action="store_true", help="no image encoder: the plain DDPM baseline")

@@ -73,19 +73,21 @@ def train(
     """Train (or resume) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
 
     When resuming, the configuration and options stored in ``resume`` win, as exactness demands
-    the same batch size, learning rate and seed; ``config``/``options`` are then only checked.
+    the same batch size, learning rate and seed; ``config``/``options`` are then ignored. A
+    checkpoint without training state (a shipped or committed file) is a *warm start*: both the
+    weights and the EMA start from its EMA weights, Adam starts afresh, and the step count, the
+    data stream and the history carry on; ``training["warm_starts"]`` records where.
     ``snapshot_every`` also keeps the EMA weights every that many steps as ``<out>-step<N>.pt``
     (fp16, no training state) for learning curves.
     """
     device = device or default_device()
-    step, seconds_before, history = 0, 0.0, []
+    step, seconds_before, history, warm_starts = 0, 0.0, [], []
     if resume is not None:
-        if resume.state is None:
-            raise ValueError("this checkpoint holds no training state (a shipped file); resume from the run's own file")
         config = resume.config
         options = TrainingOptions.from_dict(resume.training["options"])
-        step, seconds_before = resume.state.step, resume.state.seconds
+        step, seconds_before = resume.training["steps"], resume.training["seconds"]
         history = list(resume.training.get("history", []))
+        warm_starts = list(resume.training.get("warm_starts", [])) + ([step] if resume.state is None else [])
     model = DiffusionModel(config).to(device)
     ema = DiffusionModel(config).to(device).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate)
@@ -93,6 +95,9 @@ def train(
         model.load_state_dict(resume.state.weights)
         ema.load_state_dict(resume.ema_weights)
         optimizer.load_state_dict(resume.state.optimizer)
+    elif resume is not None:
+        model.load_state_dict(resume.ema_weights)
+        ema.load_state_dict(resume.ema_weights)
     else:
         ema.load_state_dict(model.state_dict())
     if options.channels_last:
@@ -116,6 +121,7 @@ def train(
             "seconds": seconds_before + elapsed(),
             "hardware": _hardware(device, dtype),
             "history": history,
+            "warm_starts": warm_starts,
         }
         state = TrainingState(
             step=step, weights=model.state_dict(), optimizer=optimizer.state_dict(), seconds=seconds_before + elapsed()

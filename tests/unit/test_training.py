@@ -79,6 +79,18 @@ def test_two_half_runs_equal_one_full_run(tmp_path: Path) -> None:
     assert [h["step"] for h in resumed.training["history"]] == [3, 6]
 
 
+def test_warm_start_from_a_shipped_file_carries_on_from_its_ema_weights(tmp_path: Path) -> None:
+    first = _train(tmp_path / "run.pt", steps=3)
+    shipped = Checkpoint(config=first.config, ema_weights=first.ema_weights, training=first.training)
+    save_checkpoint(shipped, tmp_path / "shipped.pt", half=True)
+    warm = load_checkpoint(tmp_path / "shipped.pt")
+    assert warm.state is None
+    continued = _train(tmp_path / "continued.pt", steps=6, resume=warm)
+    assert continued.training["steps"] == 6 and continued.training["warm_starts"] == [3]
+    assert [h["step"] for h in continued.training["history"]] == [3, 6]
+    assert continued.training["seconds"] > first.training["seconds"]
+
+
 def test_training_lowers_the_validation_loss_and_keeps_snapshots(tmp_path: Path) -> None:
     trained = _train(tmp_path / "run.pt", steps=30, snapshot_every=10)
     history = trained.training["history"]
