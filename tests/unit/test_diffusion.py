@@ -18,13 +18,11 @@ from models.diffusion import (
     ModelConfig,
     NoiseConfig,
     UNet,
-    UNetConfig,
     named_config,
     unconditioned,
 )
 from models.diffusion.config import DiffusionConfig
-
-SIZE = 32
+from tests.tiny_model import SIZE, TINY
 
 
 @pytest.fixture(autouse=True)
@@ -34,20 +32,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-TINY = ModelConfig(
-    name="tiny",
-    unet=UNetConfig(
-        base_channels=8,
-        channel_multipliers=(1, 2),
-        res_blocks=1,
-        attention_resolutions=(16,),
-        head_channels=8,
-        image_size=SIZE,
-    ),
-    encoder=EncoderConfig(block="basic", layers=(1, 1), base_width=8, out_dim=16),
-)
 
 
 def build(config: ModelConfig = TINY, seed: int = 0) -> DiffusionModel:

@@ -11,22 +11,9 @@ import torch
 
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from models.detector import AnomalyDetector
-from models.diffusion.config import EncoderConfig, ModelConfig, UNetConfig
 from models.training.trainer import StopAt, TrainingOptions, train
+from tests.tiny_model import SIZE, TINY
 
-SIZE = 32
-TINY = ModelConfig(
-    name="tiny",
-    unet=UNetConfig(
-        base_channels=8,
-        channel_multipliers=(1, 2),
-        res_blocks=1,
-        attention_resolutions=(16,),
-        head_channels=8,
-        image_size=SIZE,
-    ),
-    encoder=EncoderConfig(block="basic", layers=(1, 1), base_width=8, out_dim=16),
-)
 OPTIONS = TrainingOptions(
     batch_size=4, learning_rate=1e-3, validate_every=3, validation_batches=1, precision="fp32", channels_last=False
 )
