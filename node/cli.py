@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, help="slices per step (default 16)")
     train.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-4, the paper's)")
     train.add_argument("--seed", type=int, help="data and noise seed (default 0)")
+    train.add_argument("--max-timestep", type=int, help="train on noise levels t < this only (default: all 1000)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 where the hardware has it")
     train.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     train.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
@@ -169,6 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "precision": args.precision,
+        "max_timestep": args.max_timestep,
     }
     options = TrainingOptions(**{name: value for name, value in chosen.items() if value is not None})
     stop = StopAt(steps=args.steps, seconds=args.minutes * 60 if args.minutes else None)

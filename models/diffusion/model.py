@@ -67,14 +67,22 @@ class DiffusionModel(nn.Module):
         b, c, h, w = shape
         return simplex_noise((b, c, h, w), generator, spec.octaves, spec.persistence, spec.frequency)
 
-    def training_loss(self, x0: Tensor, generator: torch.Generator) -> Tensor:
-        """Mean L1 between predicted and true x0 (in [-1,1]) for x0 (B,1,H,W) in [0,1] and t ~ U{0..T-1}.
+    def training_loss(self, x0: Tensor, generator: torch.Generator, max_timestep: int | None = None) -> Tensor:
+        """Mean L1 between predicted and true x0 (in [-1,1]) for x0 (B,1,H,W) in [0,1], t ~ U{0..max_timestep-1}.
 
-        t and the noise are drawn from ``generator`` on its own device and then moved to x0's device.
+        ``max_timestep`` (default T) lets training skip noise levels inference never uses: the one-shot
+        reconstruction only needs t up to the largest ensemble level. t and the noise are drawn from
+        ``generator`` on its own device and then moved to x0's device.
         """
+        high = self.schedule.timesteps if max_timestep is None else max_timestep
+        if not 0 < high <= self.schedule.timesteps:
+            raise ValueError(f"max_timestep must be in (0, {self.schedule.timesteps}], got {max_timestep}")
+        t = torch.randint(0, high, (x0.shape[0],), generator=generator, device=generator.device)
+        return self.loss_at(x0, t.to(x0.device), generator)
+
+    def loss_at(self, x0: Tensor, t: Tensor, generator: torch.Generator) -> Tensor:
+        """Mean L1 of the x0 prediction at the given timesteps t (B,): what validation tracks per ensemble level."""
         x = 2 * x0 - 1
-        t = torch.randint(0, self.schedule.timesteps, (x.shape[0],), generator=generator, device=generator.device)
-        t = t.to(x.device)
         noise = self.noise(tuple(x.shape), generator).to(device=x.device, dtype=x.dtype)
         x_t = self.schedule.q_sample(x, t, noise)
         prediction = self.predict_x0(x_t, t, x if self.conditioned else None)

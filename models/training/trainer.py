@@ -44,6 +44,7 @@ class TrainingOptions:
     checkpoint_every_s: float = 300.0
     validate_every: int = 250
     validation_batches: int = 4
+    max_timestep: int | None = None  # train on t < this only (None: all T); inference uses t <= 750
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingOptions:
@@ -134,7 +135,7 @@ def train(
             batch = batch.contiguous(memory_format=torch.channels_last)
         generator = _step_generator(options.seed, step, device)
         with autocast(device, dtype):
-            loss = model.training_loss(batch, generator)
+            loss = model.training_loss(batch, generator, options.max_timestep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -146,12 +147,13 @@ def train(
 
         finished = _finished(stop, step, elapsed(), resume)
         if step % options.validate_every == 0 or finished:
-            val = _validation_loss(ema, validation, device, dtype)
+            val, at_levels = _validation_loss(ema, validation, device, dtype)
             history.append(
                 {
                     "step": step,
                     "train_loss": sum(losses) / len(losses),
                     "validation_loss": val,
+                    "validation_l1_at": at_levels,
                     "seconds": round(seconds_before + elapsed(), 1),
                 }
             )
@@ -192,12 +194,20 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 @torch.no_grad()
 def _validation_loss(
     model: DiffusionModel, batches: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None
-) -> float:
-    total = 0.0
+) -> tuple[float, dict[str, float]]:
+    """The L1 loss over all timesteps (comparable between runs whatever their ``max_timestep``) and the L1
+    of the one-shot x0 prediction at each ensemble level (what the anomaly map is made of); fixed noise."""
+    levels = model.config.ensemble_timesteps
+    total, at_levels = 0.0, dict.fromkeys(levels, 0.0)
     for index, batch in enumerate(batches):
         with autocast(device, dtype):
             total += float(model.training_loss(batch, _step_generator(VALIDATION_SEED, index, device)))
-    return total / max(len(batches), 1)
+            for level in levels:
+                t = torch.full((batch.shape[0],), level, dtype=torch.long, device=device)
+                generator = _step_generator(VALIDATION_SEED + level, index, device)
+                at_levels[level] += float(model.loss_at(batch, t, generator))
+    count = max(len(batches), 1)
+    return total / count, {str(level): round(value / count, 5) for level, value in at_levels.items()}
 
 
 def _line(step: int, steps_this_run: int, losses: list[float], val: float | None, seconds: float, total: float) -> str:

@@ -269,3 +269,14 @@ def test_named_configs_and_parameter_counts() -> None:
         print(f"{config.name}: UNet {counts[config.name][0] / 1e6:.2f} M, encoder {counts[config.name][1] / 1e6:.2f} M")
     assert 23e6 < counts["paper"][1] < 26e6  # ResNet-50 trunk (~23.5 M) + 2048x512 head
     assert counts["paper"][0] > 10 * counts["default"][0] / 2 > 0
+
+
+def test_max_timestep_limits_the_training_noise_levels() -> None:
+    model = build()
+    x0 = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    limited = model.training_loss(x0, torch.Generator().manual_seed(5), max_timestep=1)  # t = 0 for every sample
+    generator = torch.Generator().manual_seed(5)
+    torch.randint(0, 1, (3,), generator=generator)  # the draw of t that training_loss makes first
+    assert torch.equal(limited, model.loss_at(x0, torch.zeros(3, dtype=torch.long), generator))
+    with pytest.raises(ValueError, match="max_timestep"):
+        model.training_loss(x0, torch.Generator().manual_seed(5), max_timestep=1001)

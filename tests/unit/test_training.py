@@ -82,6 +82,7 @@ def test_training_lowers_the_validation_loss_and_keeps_snapshots(tmp_path: Path)
     trained = _train(tmp_path / "run.pt", steps=30, snapshot_every=10)
     history = trained.training["history"]
     assert history[-1]["validation_loss"] < history[0]["validation_loss"]
+    assert set(history[-1]["validation_l1_at"]) == {"250", "500", "750"}
     assert (tmp_path / "run.pt").is_file()
     assert sorted(p.name for p in tmp_path.glob("run-step*.pt")) == ["run-step10.pt", "run-step20.pt", "run-step30.pt"]
     snapshot = load_checkpoint(tmp_path / "run-step20.pt")
