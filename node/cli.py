@@ -64,7 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default="default", help="model configuration: default or paper")
     train.add_argument("--out", type=Path, required=True, help="checkpoint to write (rewritten periodically)")
     train.add_argument(
-        "--resume", type=Path, help="continue from this checkpoint: exactly from a run file, warm from a shipped one"
+        "--resume",
+        type=Path,
+        help="continue from this checkpoint: exactly from a run file (options given here change the run), "
+        "warm from a shipped one",
     )
     train.add_argument("--minutes", type=float, help="stop after this many minutes")
     train.add_argument("--steps", type=int, help="stop at this total step count")
@@ -172,7 +175,8 @@ def _train(args: argparse.Namespace) -> int:
         "precision": args.precision,
         "max_timestep": args.max_timestep,
     }
-    options = TrainingOptions(**{name: value for name, value in chosen.items() if value is not None})
+    given = {name: value for name, value in chosen.items() if value is not None}
+    options = TrainingOptions(**given)
     stop = StopAt(steps=args.steps, seconds=args.minutes * 60 if args.minutes else None)
     if stop.steps is None and stop.seconds is None:
         print("give --minutes or --steps", file=sys.stderr)
@@ -189,6 +193,7 @@ def _train(args: argparse.Namespace) -> int:
             contrast=args.contrast,
             cache_dir=args.cache,
             snapshot_every=args.snapshot_every,
+            changes=given,
         )
     except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
         print(f"cannot train: {exc}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,18 @@ def run_training(
     contrast: str = "t1",
     cache_dir: Path | None = None,
     snapshot_every: int | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> Checkpoint:
-    """Build the data and train; with ``resume``, the run's own config, options and data seed continue."""
+    """Build the data and train. With ``resume``, the run's own config, options and data seed continue,
+    except the options named in ``changes`` (a deliberate change of course, e.g. the learning rate:
+    the continuation is then no longer what an uninterrupted run would have done)."""
     previous = load_checkpoint(resume) if resume is not None else None
     config: ModelConfig = named_config(config_name)
     if without_encoder:
         config = unconditioned(config)
     if previous is not None:
         contrast = previous.training["data"]["contrast"]
-        options = TrainingOptions.from_dict(previous.training["options"])
+        options = dataclasses.replace(TrainingOptions.from_dict(previous.training["options"]), **(changes or {}))
     volumes = healthy_volumes(data, cache_dir or default_cache_dir())
     if previous is not None and previous.training["data"]["volumes"] != [v.name for v in volumes]:
         raise ValueError(f"{resume} was trained on other data ({previous.training['data']['source']}); resume with it")

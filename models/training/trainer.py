@@ -73,8 +73,9 @@ def train(
 ) -> Checkpoint:
     """Train (or resume) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
 
-    When resuming, the configuration and options stored in ``resume`` win, as exactness demands
-    the same batch size, learning rate and seed; ``config``/``options`` are then ignored. A
+    When resuming, the model configuration stored in ``resume`` wins (``config`` is ignored); exactness
+    also needs ``options`` equal to the stored ones (``TrainingOptions.from_dict(resume.training["options"])``),
+    which is what ``run_training`` passes unless told to change them. A
     checkpoint without training state (a shipped or committed file) is a *warm start*: both the
     weights and the EMA start from its EMA weights, Adam starts afresh, and the step count, the
     data stream and the history carry on; ``training["warm_starts"]`` records where.
@@ -85,7 +86,6 @@ def train(
     step, seconds_before, history, warm_starts = 0, 0.0, [], []
     if resume is not None:
         config = resume.config
-        options = TrainingOptions.from_dict(resume.training["options"])
         step, seconds_before = resume.training["steps"], resume.training["seconds"]
         history = list(resume.training.get("history", []))
         warm_starts = list(resume.training.get("warm_starts", [])) + ([step] if resume.state is None else [])
