@@ -54,13 +54,11 @@ def run_evaluation(
     ``timesteps`` replaces both diffusion models' noise ensemble (an inference-time ablation)."""
     evaluation = evaluation_set(size, cache_dir)
     training = [v.volume for v in healthy_volumes(data, cache_dir)]
-    methods: list[tuple[str, Scorer]] = [
-        (f"cDDPM ({checkpoint.config.name})", AnomalyDetector(checkpoint, timesteps=timesteps).residual)
-    ]
+    model = AnomalyDetector(checkpoint, timesteps=timesteps)
+    methods: list[tuple[str, Scorer]] = [(f"cDDPM ({checkpoint.config.name}) t={_ts(model)}", model.residual)]
     if unconditioned is not None:
-        methods.append(
-            (f"DDPM ({unconditioned.config.name})", AnomalyDetector(unconditioned, timesteps=timesteps).residual)
-        )
+        plain = AnomalyDetector(unconditioned, timesteps=timesteps)
+        methods.append((f"DDPM ({unconditioned.config.name}) t={_ts(plain)}", plain.residual))
     methods += [
         (f"atlas-mean ({len(training)} training brains)", AtlasMeanBaseline(training)),
         ("intensity", intensity_baseline),
