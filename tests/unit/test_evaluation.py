@@ -199,13 +199,13 @@ def truth_scorer(evaluation: EvaluationSet, transform: Callable[[np.ndarray], np
 
 
 def test_oracle_gets_near_perfect_dice(small_set: EvaluationSet) -> None:
-    """The truth as residual: near-perfect on a deep tumour. It is also the ceiling the shared post-processing
+    """The truth as residual: near-perfect inside a tumour. It is also the ceiling the shared post-processing
     allows: WMH (a few voxels each on the 2 mm grid), thin parts of lesions and lesions at the cortex (the
     median window reaches outside the eroded mask, where the score is 0) do not survive the 5x5x5 median."""
     result = evaluate_method("oracle", truth_scorer(small_set, lambda t: t.astype(np.float32)), small_set)
     print("\noracle ceiling:", [(c.case, round(c.dice, 2), round(c.auprc, 2)) for c in result.cases])
     tumours = [c for c in result.cases if c.kind == "tumour" and c.polarity == "dark"]
-    assert tumours and min(c.dice for c in tumours) > 0.85
+    assert tumours and min(c.dice for c in tumours) > 0.75  # large tumours reach the eroded edge
     assert result.dice > 0.3
     assert result.healthy_fp_ml == 0.0
     assert len(result.cases) == 4 and {c.polarity for c in result.cases} == {"dark", "bright"}
