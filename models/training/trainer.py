@@ -96,6 +96,8 @@ def train(
         model.load_state_dict(resume.state.weights)
         ema.load_state_dict(resume.ema_weights)
         optimizer.load_state_dict(resume.state.optimizer)
+        for group in optimizer.param_groups:  # the saved state carries its own rate; ``options`` decides
+            group["lr"] = options.learning_rate
     elif resume is not None:
         model.load_state_dict(resume.ema_weights)
         ema.load_state_dict(resume.ema_weights)

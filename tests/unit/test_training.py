@@ -3,6 +3,7 @@ deterministic inference. The shipped checkpoint's own behaviour is tested in tes
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,38 @@ def test_two_half_runs_equal_one_full_run(tmp_path: Path) -> None:
     for name, tensor in full.state.weights.items():  # type: ignore[union-attr]
         assert torch.equal(tensor, resumed.state.weights[name]), name  # type: ignore[union-attr]
     assert [h["step"] for h in resumed.training["history"]] == [3, 6]
+
+
+def test_resuming_with_another_learning_rate_uses_it(tmp_path: Path) -> None:
+    _train(tmp_path / "half.pt", steps=3)
+    half = load_checkpoint(tmp_path / "half.pt")
+    same = train(
+        TINY,
+        Discs(),
+        OPTIONS,
+        tmp_path / "same.pt",
+        StopAt(steps=4),
+        {},
+        resume=half,
+        progress=lambda line: None,
+        device=torch.device("cpu"),
+    )
+    faster = dataclasses.replace(OPTIONS, learning_rate=1e-2)
+    changed = train(
+        TINY,
+        Discs(),
+        faster,
+        tmp_path / "changed.pt",
+        StopAt(steps=4),
+        {},
+        resume=half,
+        progress=lambda line: None,
+        device=torch.device("cpu"),
+    )
+    assert changed.training["options"]["learning_rate"] == 1e-2
+    assert changed.state.optimizer["param_groups"][0]["lr"] == 1e-2  # type: ignore[union-attr]
+    name = next(iter(same.ema_weights))
+    assert not torch.equal(same.state.weights[name], changed.state.weights[name])  # type: ignore[union-attr]
 
 
 def test_warm_start_from_a_shipped_file_carries_on_from_its_ema_weights(tmp_path: Path) -> None:
