@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -226,10 +227,20 @@ def _line(step: int, steps_this_run: int, losses: list[float], val: float | None
 
 
 def _hardware(device: torch.device, dtype: torch.dtype | None) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
         "device": name,
         "threads": torch.get_num_threads(),
         "autocast": str(dtype).removeprefix("torch.") if dtype else "fp32",
         "torch": torch.__version__,
     }
+
+
+def _cpu_name() -> str:
+    """The CPU model as Linux names it (platform.processor() is empty there), with the core count."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
