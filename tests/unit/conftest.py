@@ -17,6 +17,17 @@ from tests import brains
 from tests.mr_files import MR_IMAGE_STORAGE
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """For tiny tensors a second intra-op thread only adds synchronisation cost (seconds on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def preprocessor() -> Preprocessor:
     from models.atlas import load_mni152_atlas
