@@ -148,7 +148,7 @@ def train(
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"training loss is {losses[-1]} at step {step}; lower the learning rate")
 
-        finished = _finished(stop, step, elapsed(), resume)
+        finished = _finished(stop, step, elapsed())
         if step % options.validate_every == 0 or finished:
             val, at_levels = _validation_loss(ema, validation, device, dtype)
             history.append(
@@ -177,7 +177,7 @@ def train(
                 return latest
 
 
-def _finished(stop: StopAt, step: int, seconds: float, resume: Checkpoint | None) -> bool:
+def _finished(stop: StopAt, step: int, seconds: float) -> bool:
     if stop.steps is None and stop.seconds is None:
         return True
     return (stop.steps is not None and step >= stop.steps) or (stop.seconds is not None and seconds >= stop.seconds)
