@@ -39,12 +39,18 @@ class Discs:
         return (0.4 * brain + 0.5 * inside).float().unsqueeze(1)
 
 
-def _train(out: Path, steps: int, resume: Checkpoint | None = None, snapshot_every: int | None = None) -> Checkpoint:
+def _train(
+    out: Path,
+    steps: int,
+    resume: Checkpoint | None = None,
+    snapshot_every: int | None = None,
+    options: TrainingOptions = OPTIONS,
+) -> Checkpoint:
     torch.manual_seed(0)  # initial weights
     return train(
         TINY,
         Discs(),
-        OPTIONS,
+        options,
         out,
         StopAt(steps=steps),
         {"source": "discs"},
@@ -70,28 +76,9 @@ def test_two_half_runs_equal_one_full_run(tmp_path: Path) -> None:
 def test_resuming_with_another_learning_rate_uses_it(tmp_path: Path) -> None:
     _train(tmp_path / "half.pt", steps=3)
     half = load_checkpoint(tmp_path / "half.pt")
-    same = train(
-        TINY,
-        Discs(),
-        OPTIONS,
-        tmp_path / "same.pt",
-        StopAt(steps=4),
-        {},
-        resume=half,
-        progress=lambda line: None,
-        device=torch.device("cpu"),
-    )
-    faster = dataclasses.replace(OPTIONS, learning_rate=1e-2)
-    changed = train(
-        TINY,
-        Discs(),
-        faster,
-        tmp_path / "changed.pt",
-        StopAt(steps=4),
-        {},
-        resume=half,
-        progress=lambda line: None,
-        device=torch.device("cpu"),
+    same = _train(tmp_path / "same.pt", steps=4, resume=half)
+    changed = _train(
+        tmp_path / "changed.pt", steps=4, resume=half, options=dataclasses.replace(OPTIONS, learning_rate=1e-2)
     )
     assert changed.training["options"]["learning_rate"] == 1e-2
     assert changed.state.optimizer["param_groups"][0]["lr"] == 1e-2  # type: ignore[union-attr]
