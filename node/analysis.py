@@ -9,8 +9,11 @@ the one-line reason recorded for the series.
 
 from __future__ import annotations
 
+import os
+import shutil
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,11 +57,19 @@ class Analyser:
         self._results = results
         self._preprocessor: Preprocessor | None = None
         self._detectors: dict[Path, AnomalyDetector] = {}
+        self._loading = threading.Lock()  # several job workers share one Analyser
 
-    def analyse(self, instances: Sequence[Instance], checkpoint: Path) -> SeriesAnalysis:
-        """Analyse the instances of one series with the model in ``checkpoint``; raises AnalysisError."""
+    def analyse(
+        self, instances: Sequence[Instance], checkpoint: Path, on_stage: Callable[[str], None] = lambda stage: None
+    ) -> SeriesAnalysis:
+        """Analyse the instances of one series with the model in ``checkpoint``; raises AnalysisError.
+
+        ``on_stage("inferring")`` is called before the model runs and ``on_stage("exporting")`` after it
+        (the node's job states); whatever it raises ends the analysis there.
+        """
         from models.preprocessing import PreprocessingError, to_input_grid
 
+        detector = self._detector(checkpoint)  # loading a model on first use is not a stage of this series
         timings: dict[str, float] = {}
         clock = time.perf_counter()
 
@@ -68,7 +79,6 @@ class Analyser:
             timings[stage] = round(now - clock, 3)
             clock = now
 
-        detector = self._detector(checkpoint)
         try:
             volume = series_to_volume(instances)
         except VolumeRejected as exc:
@@ -79,8 +89,12 @@ class Analyser:
         except PreprocessingError as exc:
             raise AnalysisError(f"preprocessing failed: {exc}") from exc
         lap("preprocessing")
+        on_stage("inferring")
+        clock = time.perf_counter()
         result = detector.analyse(prepared.volume, prepared.brain_mask)
         lap("inference")
+        on_stage("exporting")
+        clock = time.perf_counter()
         # The mask goes back as a partial-volume fraction and is cut at one half: smoother outlines on a
         # finer input grid than nearest-neighbour blocks of 2 mm.
         mask = sitk.GetArrayFromImage(to_input_grid(result.mask.astype(np.float32), prepared, "linear")) >= 0.5
@@ -103,27 +117,67 @@ class Analyser:
             timings_s=timings,
         )
 
-    def _prepare(self) -> Preprocessor:
-        if self._preprocessor is None:
-            from models.atlas import load_mni152_atlas
-            from models.preprocessing import Preprocessor
+    def load(self, checkpoint: Path) -> None:
+        """Load the atlas and the model in ``checkpoint`` now rather than on first use; AnalysisError if unusable."""
+        self._prepare()
+        self._detector(checkpoint)
 
-            self._preprocessor = Preprocessor(load_mni152_atlas())
-        return self._preprocessor
+    def _prepare(self) -> Preprocessor:
+        from models.atlas import load_mni152_atlas
+        from models.preprocessing import Preprocessor
+
+        with self._loading:
+            if self._preprocessor is None:
+                self._preprocessor = Preprocessor(load_mni152_atlas())
+            return self._preprocessor
 
     def _detector(self, checkpoint: Path) -> AnomalyDetector:
         from models.checkpoint import CheckpointError
         from models.detector import AnomalyDetector
 
-        if checkpoint not in self._detectors:
-            try:
-                self._detectors[checkpoint] = AnomalyDetector.from_file(checkpoint)
-            except CheckpointError as exc:
-                raise AnalysisError(str(exc)) from exc
-            if self._detectors[checkpoint].checkpoint.threshold is None:
-                del self._detectors[checkpoint]
-                raise AnalysisError(f"{checkpoint}: no calibrated threshold (ship it with `uad-node evaluate --ship`)")
-        return self._detectors[checkpoint]
+        with self._loading:
+            if checkpoint not in self._detectors:
+                try:
+                    detector = AnomalyDetector.from_file(checkpoint)
+                except CheckpointError as exc:
+                    raise AnalysisError(str(exc)) from exc
+                if detector.checkpoint.threshold is None:
+                    raise AnalysisError(
+                        f"{checkpoint}: no calibrated threshold (ship it with `uad-node evaluate --ship`)"
+                    )
+                self._detectors[checkpoint] = detector
+            return self._detectors[checkpoint]
+
+
+def write_results(analysis: SeriesAnalysis, folder: Path) -> list[Path]:
+    """Write the objects and summary.png under ``folder`` durably; returns the DICOM files.
+
+    Layout: ``seg.dcm`` (``seg-score.dcm``), ``overlays/000-summary.dcm`` then ``overlays/NNN-slice.dcm``,
+    ``summary.png``. Whatever was in ``folder`` before is replaced; every file and folder is fsynced, so
+    a caller may record the results as durable once this returns.
+    """
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "overlays").mkdir(parents=True)
+    files = [folder / ("seg.dcm" if i == 0 else "seg-score.dcm") for i in range(len(analysis.segmentations))]
+    for dataset, path in zip(analysis.segmentations, files, strict=True):
+        dataset.save_as(path, enforce_file_format=True)
+    for index, capture in enumerate(analysis.secondary_captures):
+        path = folder / "overlays" / ("000-summary.dcm" if index == 0 else f"{index:03d}-slice.dcm")
+        capture.save_as(path, enforce_file_format=True)
+        files.append(path)
+    (folder / "summary.png").write_bytes(analysis.summary_png)
+    for path in [*files, folder / "summary.png", folder / "overlays", folder, folder.parent]:
+        _fsync(path)
+    return files
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _headers(instances: Sequence[Instance]) -> list[Dataset]:

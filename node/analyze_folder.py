@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.analysis import Analyser, AnalysisError, SeriesAnalysis
+from node.analysis import Analyser, AnalysisError, write_results
 from node.config import NodeConfig
 from node.results import series_report, write_report
 from node.selection import select_series
@@ -57,7 +57,7 @@ def analyze_folder(
             progress(f"series {series.series_uid}: not analysed ({exc})")
             entries.append(series_report(series.series_uid, True, str(exc), None, None, None, {}))
             continue
-        _write(analysis, out / series.series_uid)
+        write_results(analysis, out / series.series_uid)
         found = analysis.findings
         progress(
             f"series {series.series_uid}: {found.anomaly_volume_ml:.1f} mL in {found.components} region(s), "
@@ -90,13 +90,3 @@ def _read_dicom_headers(folder: Path) -> dict[Path, Dataset]:
     if not headers:
         raise InputError(f"no DICOM images found in {folder}")
     return headers
-
-
-def _write(analysis: SeriesAnalysis, folder: Path) -> None:
-    (folder / "overlays").mkdir(parents=True, exist_ok=True)
-    for index, seg in enumerate(analysis.segmentations):
-        seg.save_as(folder / ("seg.dcm" if index == 0 else "seg-score.dcm"), enforce_file_format=True)
-    for index, capture in enumerate(analysis.secondary_captures):
-        name = "000-summary.dcm" if index == 0 else f"{index:03d}-slice.dcm"
-        capture.save_as(folder / "overlays" / name, enforce_file_format=True)
-    (folder / "summary.png").write_bytes(analysis.summary_png)

@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import inspect
@@ -18,7 +19,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from node import __version__
 from node.config import ConfigError, NodeConfig, load_config
 from node.db.database import open_database
-from node.status import collect_status, status_json, status_text
+from node.jobs.store import JobError, JobRecord, JobStore
+from node.status import NodeStatus, collect_jobs, collect_status, disk_status, status_json, status_text
 
 DEFAULT_CONFIG = Path("config/node.toml")
 log = logging.getLogger("node")
@@ -52,6 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(run=_status)
+
+    retry = commands.add_parser("retry", help="run a failed job again (or a done/skipped one as a new version)")
+    retry.add_argument("job", nargs="?", type=int, help="job id (see `uad-node status`)")
+    retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    retry.set_defaults(run=_retry)
+
+    cancel = commands.add_parser("cancel", help="stop a queued, running or exporting job")
+    cancel.add_argument("job", type=int, help="job id (see `uad-node status`)")
+    cancel.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    cancel.set_defaults(run=_cancel)
 
     analyze = commands.add_parser("analyze", help="the whole pipeline on a folder of DICOM files, offline")
     analyze.add_argument("input", type=Path, help="a folder with a series or a whole study (searched recursively)")
@@ -125,18 +138,59 @@ def _status(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     url = make_url(config.node.effective_database_url())
-    studies = []
+    status = NodeStatus(disk=disk_status(config.node))
     # A SQLite file that does not exist yet means nothing was received; do not create it here.
     if url.get_backend_name() != "sqlite" or Path(url.database or "").exists():
         db = open_database(str(url), migrate=False)
         try:
-            studies = collect_status(db) if inspect(db.engine).has_table("series") else []
+            tables = inspect(db.engine)
+            if tables.has_table("series"):
+                jobs = collect_jobs(db) if tables.has_table("jobs") else []
+                status = NodeStatus(disk=status.disk, studies=collect_status(db), jobs=jobs)
         except SQLAlchemyError as exc:
             print(f"cannot read the database: {exc}", file=sys.stderr)
             return 1
         finally:
             db.close()
-    print(json.dumps(status_json(studies), indent=2) if args.json else status_text(studies))
+    print(json.dumps(status_json(status), indent=2) if args.json else status_text(status))
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    if (args.job is None) == (not args.failed):
+        print("give a job id or --failed", file=sys.stderr)
+        return 2
+    return _on_jobs(
+        args.config, lambda store: [store.retry(i) for i in ([args.job] if args.job else store.failed_ids())]
+    )
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    return _on_jobs(args.config, lambda store: [store.cancel(args.job)])
+
+
+def _on_jobs(config_path: Path, action: Callable[[JobStore], list[JobRecord]]) -> int:
+    """Change jobs in the node's database; a running ``serve`` picks the change up on its next poll."""
+    config = _load(config_path)
+    if config is None:
+        return 2
+    try:
+        db = open_database(config.node.effective_database_url())
+    except (OSError, SQLAlchemyError) as exc:
+        print(f"cannot open the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        jobs = action(JobStore(db))
+    except JobError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    for job in jobs:
+        flag = " (stops after the running stage)" if job.cancel_requested else ""
+        print(f"job {job.id}: {job.state}{flag}  series {job.series_uid}  {job.reason}".rstrip())
+    if not jobs:
+        print("no failed jobs")
     return 0
 
 
@@ -234,8 +288,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from node.receiver import Receiver
-
     config = _load(args.config)
     if config is None:
         return 2
@@ -244,7 +296,19 @@ def _serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return run_node(config, stop)
+
+
+def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event | None = None) -> int:
+    """The receiver and the job scheduler until ``stop`` is set (``serve``, and the demo in-process)."""
+    from node.jobs.scheduler import JobScheduler
+    from node.receiver import Receiver
+
     try:
         config.node.data_dir.mkdir(parents=True, exist_ok=True)
         db = open_database(config.node.effective_database_url())
@@ -258,11 +322,13 @@ def _serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror or exc)
         db.close()
         return 1
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    scheduler = JobScheduler(config, db)
+    scheduler.start()
+    if started is not None:
+        started.set()
     stop.wait()
-    log.info("stopping: no new associations; finishing stores in flight")
+    log.info("stopping: no new associations; finishing stores in flight and the running job stage")
     receiver.stop()
+    scheduler.stop()
     db.close()
     return 0

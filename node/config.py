@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from node.jobs.config import CompletionSection, JobsSection, RetentionSection
 from node.selection import SelectionSection
 from node.uids import check_uids
 
@@ -207,6 +208,9 @@ class NodeConfig(_Section):
     tls: TlsSection = Field(default_factory=TlsSection)
     destinations: list[Destination] = Field(default_factory=list)
     results: ResultsSection = Field(default_factory=ResultsSection)
+    completion: CompletionSection = Field(default_factory=CompletionSection)
+    jobs: JobsSection = Field(default_factory=JobsSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @field_validator("destinations")

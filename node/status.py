@@ -1,14 +1,19 @@
-"""What the node holds, for ``uad-node status``: studies, series, instance counts and states."""
+"""What the node holds and does, for ``uad-node status``: studies and series with their decisions, jobs with
+their state, reason and per-stage timings, and whether low disk space makes the node refuse images."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 
 from sqlalchemy import func, select
 
+from node.config import NodeSection
 from node.db import Instance, Series, Study
 from node.db.database import Database
+from node.db.schema import as_utc
+from node.jobs.store import JobStore
 
 
 @dataclass(frozen=True)
@@ -20,6 +25,7 @@ class SeriesStatus:
     reason: str
     description: str
     last_received_at: str
+    images_deleted_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,34 +63,121 @@ def collect_status(db: Database) -> list[StudyStatus]:
                     reason=series.state_reason,
                     description=series.description,
                     last_received_at=_utc_iso(last),
+                    images_deleted_at=_utc_iso(series.images_deleted_at),
                 )
             )
     return [StudyStatus(study_uid=uid, series=series) for uid, series in studies.items()]
 
 
-def status_json(studies: list[StudyStatus]) -> dict:
-    """The ``status --json`` contract: ``{"studies": [{"study_uid", "series": [...]}]}``."""
-    return {"studies": [asdict(study) for study in studies]}
+@dataclass(frozen=True)
+class JobStatus:
+    id: int
+    study_uid: str
+    series_uid: str
+    version: int
+    state: str
+    reason: str
+    model: str
+    instances: int
+    late_instances: int
+    attempts: int
+    created_at: str
+    finished_at: str
+    stage_seconds: dict[str, float]  # completion_wait, queued, preprocessing, inferring, exporting (wall time)
+    analysis_seconds: dict[str, float]  # volume, preprocessing, inference, objects (inside the analysis)
+    findings: dict[str, float | int | None]  # anomaly_volume_ml, components, max_score, threshold
+    results_dir: str
 
 
-def status_text(studies: list[StudyStatus]) -> str:
-    """A table for people: one line per series, grouped by study."""
-    if not studies:
-        return "no studies received"
+def collect_jobs(db: Database) -> list[JobStatus]:
+    """Every job, oldest first."""
+    jobs = []
+    for job in JobStore(db).all():
+        report = job.report
+        jobs.append(
+            JobStatus(
+                id=job.id,
+                study_uid=job.study_uid,
+                series_uid=job.series_uid,
+                version=job.version,
+                state=str(job.state),
+                reason=job.reason,
+                model=job.model,
+                instances=job.instances,
+                late_instances=job.late_instances,
+                attempts=job.attempts,
+                created_at=_utc_iso(job.created_at),
+                finished_at=_utc_iso(job.finished_at),
+                stage_seconds=job.stage_seconds(),
+                analysis_seconds=report.get("timings_s", {}),
+                findings={key: report.get(key) for key in ("anomaly_volume_ml", "components", "max_score", "threshold")}
+                if report
+                else {},
+                results_dir=job.results_dir,
+            )
+        )
+    return jobs
+
+
+@dataclass(frozen=True)
+class DiskStatus:
+    data_dir: str
+    free_mb: int
+    min_free_mb: int
+    refusing_images: bool  # below the floor, new images get 0xA700 (the sender keeps and retries them)
+
+
+def disk_status(node: NodeSection) -> DiskStatus:
+    free = shutil.disk_usage(node.data_dir if node.data_dir.exists() else node.data_dir.parent).free // 2**20
+    return DiskStatus(str(node.data_dir), int(free), node.min_free_disk_mb, free < node.min_free_disk_mb)
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    disk: DiskStatus
+    studies: list[StudyStatus] = field(default_factory=list)
+    jobs: list[JobStatus] = field(default_factory=list)
+
+
+def status_json(status: NodeStatus) -> dict:
+    """The ``status --json`` contract: ``{"disk": {...}, "studies": [{"study_uid", "series": [...]}],
+    "jobs": [...]}`` with the fields of the dataclasses above."""
+    return asdict(status)
+
+
+def status_text(status: NodeStatus) -> str:
+    """Tables for people: series grouped by study, then jobs, then the disk."""
     lines = []
-    for study in studies:
+    for study in status.studies:
         lines.append(f"study {study.study_uid}")
         for s in study.series:
             reason = f"  ({s.reason})" if s.reason else ""
-            lines.append(f"  {s.series_uid}  {s.modality or '-':<4} {s.instances:>5} instances  {s.state}{reason}")
+            deleted = f"  [images deleted {s.images_deleted_at[:10]}]" if s.images_deleted_at else ""
+            lines.append(
+                f"  {s.series_uid}  {s.modality or '-':<4} {s.instances:>5} instances  {s.state}{reason}{deleted}"
+            )
+    if not status.studies:
+        lines.append("no studies received")
+    if status.jobs:
+        lines.append("")
+        lines.append("jobs")
+    for job in status.jobs:
+        stages = " ".join(f"{name} {seconds:.1f}s" for name, seconds in job.stage_seconds.items())
+        late = f", {job.late_instances} late images ignored" if job.late_instances else ""
+        lines.append(f"  {job.id:>5}  v{job.version}  {job.state:<13} series {job.series_uid}{late}")
+        if job.reason:
+            lines.append(f"         {job.reason}")
+        if job.findings:
+            f = job.findings
+            lines.append(f"         found {f['anomaly_volume_ml']:.1f} mL in {f['components']} region(s)")
+        if stages:
+            lines.append(f"         {stages}")
+    disk = status.disk
+    state = "REFUSING NEW IMAGES" if disk.refusing_images else "accepting images"
+    lines.append("")
+    lines.append(f"disk: {disk.free_mb} MB free in {disk.data_dir} (floor {disk.min_free_mb} MB): {state}")
     return "\n".join(lines)
 
 
 def _utc_iso(value: datetime | str | None) -> str:
-    """Aggregates bypass the column type: SQLite hands back a naive string, PostgreSQL an
-    aware value in the session's time zone. Both become UTC."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return (value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)).isoformat()
+    return "" if value is None else as_utc(value).isoformat()

@@ -27,6 +27,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime | str) -> datetime:
+    """A timestamp from an aggregate (``max(received_at)``), which bypasses the column type: SQLite hands
+    back a naive string, PostgreSQL an aware value in the session's time zone. Both become aware UTC."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC on every backend, whatever the server's own time zone."""
 
@@ -73,6 +81,8 @@ class Series(Base):
     state: Mapped[str] = mapped_column(String(32), default="receiving")
     state_reason: Mapped[str] = mapped_column(Text, default="")
     first_received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when retention deleted the received files; the rows stay as the record of what was received.
+    images_deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", order_by="Instance.id")
@@ -145,3 +155,41 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_deliveries_destination_sop"),)
+
+
+class Job(Base):
+    """One analysis of one series, from "complete" to "results delivered", with when each stage began.
+
+    A job analyses the series' instances up to ``last_instance_id`` (its snapshot). Images arriving
+    after a job started make a new version (or are counted as ignored), see ``node.jobs.intake``.
+    States and transitions: ``node.jobs.states``. No patient data, only UIDs.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    model: Mapped[str] = mapped_column(Text, default="")  # checkpoint file; empty when skipped
+    instances: Mapped[int] = mapped_column(Integer, default=0)  # stored instances in the snapshot
+    last_instance_id: Mapped[int] = mapped_column(Integer, default=0)  # the snapshot: instances.id <= this
+    seen_instance_id: Mapped[int] = mapped_column(Integer, default=0)  # late images accounted for up to here
+    late_instances: Mapped[int] = mapped_column(Integer, default=0)  # arrived after the start, not analysed
+    last_received_at: Mapped[datetime | None] = mapped_column(nullable=True)  # newest image in the snapshot
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # analysis attempts started
+    next_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)  # not before (backoff)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    resend_failed: Mapped[bool] = mapped_column(Boolean, default=False)  # an admin's retry after a rejection
+    results_dir: Mapped[str] = mapped_column(Text, default="")  # set once the results are durable
+    report: Mapped[str] = mapped_column(Text, default="")  # JSON: the report.json entry of the series
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    preprocessing_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    inferring_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    exporting_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    __table_args__ = (UniqueConstraint("series_id", "version", name="uq_jobs_series_version"),)

@@ -1,0 +1,151 @@
+"""One model worker: claims queued jobs and takes each through preprocessing and inference to results on disk.
+
+The results of job N are written to ``data_dir/results/job-N/`` and fsynced before the job records them:
+from then on the job only needs exporting, which survives any restart. Until then nothing durable exists,
+so an interrupted analysis simply runs again.
+
+Failures: an ``AnalysisError`` (the series cannot be analysed: broken volume, failed registration, a
+missing or corrupt model) fails the job with its reason at once; anything else (disk full, out of
+memory) is retried with a doubling delay up to ``analysis_attempts`` tries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from sqlalchemy import select
+
+from node.analysis import Analyser, AnalysisError, write_results
+from node.db import Instance, Job
+from node.db.database import Database
+from node.jobs.config import JobsSection
+from node.jobs.states import JobState
+from node.jobs.store import JobRecord, JobStore
+from node.results import series_report
+from node.selection import SelectionSection, decide_stored_series
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Leave the analysis at a stage boundary; ``state`` and ``reason`` say where the job goes."""
+
+    def __init__(self, state: JobState, reason: str, count_attempt: bool = True) -> None:
+        super().__init__(reason)
+        self.state, self.reason, self.count_attempt = state, reason, count_attempt
+
+
+class Worker:
+    """Runs analyses one at a time; several workers may share the store and one ``Analyser``."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: JobStore,
+        analyser: Analyser,
+        data_dir: Path,
+        jobs: JobsSection,
+        selection: SelectionSection,
+        stopping: threading.Event,
+    ) -> None:
+        self.db, self.store, self.analyser = db, store, analyser
+        self.results_root = data_dir / "results"
+        self.jobs, self.selection, self.stopping = jobs, selection, stopping
+
+    def run_pending(self) -> list[JobRecord]:
+        """Analyse queued jobs until none is due or the node is stopping; returns them as they ended."""
+        ran = []
+        while not self.stopping.is_set() and (job := self.store.claim()) is not None:
+            ran.append(self.run(job))
+        return ran
+
+    def run(self, job: JobRecord) -> JobRecord:
+        """Take one claimed job (in ``preprocessing``) to ``exporting`` with results on disk, or end it."""
+        _log(job, f"analysis started (attempt {job.attempts}, {job.instances} images)")
+        current = JobState.PREPROCESSING
+
+        def enter(stage: str) -> None:
+            nonlocal current
+            self._check(job)
+            state = JobState(stage)
+            if not self.store.move(job.id, current, state):
+                raise _Stop(JobState.CANCELLED, "cancelled by an admin")
+            current = state
+
+        try:
+            model = job.model or self._decide_again(job)
+            analysis = self.analyser.analyse(self._files(job), Path(model), on_stage=enter)
+            folder = self.results_root / f"job-{job.id}"
+            files = write_results(analysis, folder)
+            report = series_report(
+                job.series_uid, True, job.reason, analysis.findings, analysis.model, analysis.threshold,
+                analysis.timings_s,
+            )  # fmt: skip
+            if self.store.record_results(job.id, folder, report):
+                _log(job, f"results written: {len(files)} objects in {folder} ({_figures(report)})")
+        except _Stop as stop:
+            self._end(job, current, stop)
+        except AnalysisError as exc:
+            self._end(job, current, _Stop(JobState.FAILED, str(exc)))
+        except Exception as exc:  # transient by assumption: disk full, out of memory, a peer file vanished
+            log.exception("job %d (series %s): analysis failed", job.id, job.series_uid)
+            reason = f"{type(exc).__name__}: {exc}"
+            if job.attempts >= self.jobs.analysis_attempts:
+                self._end(job, current, _Stop(JobState.FAILED, f"{reason} (after {job.attempts} attempts)"))
+            else:
+                delay = self.jobs.analysis_retry_delay_s * 2 ** (job.attempts - 1)
+                self.store.requeue(job.id, current, f"{reason}; retrying in {delay:.0f} s", delay)
+        return self.store.get(job.id)
+
+    def _check(self, job: JobRecord) -> None:
+        """Between stages: has the node been asked to stop, the job to cancel, or a newer version come?"""
+        if self.stopping.is_set():
+            raise _Stop(JobState.QUEUED, "interrupted by the node stopping; analysing again", count_attempt=False)
+        if self.store.cancel_requested(job.id):
+            raise _Stop(JobState.CANCELLED, "cancelled by an admin")
+        if (newer := self.store.newer_version(job)) is not None:
+            raise _Stop(JobState.SKIPPED, f"superseded by job {newer}: more images arrived after this one started")
+
+    def _end(self, job: JobRecord, current: JobState, stop: _Stop) -> None:
+        values: dict[str, object] = {"reason": stop.reason}
+        if not stop.count_attempt:
+            values["attempts"] = Job.attempts - 1
+        if self.store.move(job.id, current, stop.state, **values):
+            _log(job, f"{stop.state}: {stop.reason}")
+
+    def _decide_again(self, job: JobRecord) -> str:
+        """A retried done/skipped job is decided under the current config first."""
+        decision = decide_stored_series(self.db, job.series_uid, self.selection)
+        if not decision.selected or decision.model is None:
+            raise _Stop(JobState.SKIPPED, decision.reason)
+        self.store.move(job.id, JobState.PREPROCESSING, JobState.PREPROCESSING, model=str(decision.model))
+        return str(decision.model)
+
+    def _files(self, job: JobRecord) -> list[Path]:
+        with self.db.session() as session:
+            paths = session.scalars(
+                select(Instance.path)
+                .where(
+                    Instance.series_id == job.series_id,
+                    Instance.id <= job.last_instance_id,
+                    Instance.stored.is_(True),
+                )
+                .order_by(Instance.id)
+            ).all()
+        files = [Path(p) for p in paths if p and Path(p).is_file()]
+        if not files:
+            raise AnalysisError("none of the series' images is on disk any more (deleted by retention?)")
+        return files
+
+
+def _log(job: JobRecord, message: str) -> None:
+    log.info("job %d (study %s, series %s): %s", job.id, job.study_uid, job.series_uid, message)
+
+
+def _figures(report: dict) -> str:
+    return (
+        f"{report['anomaly_volume_ml']:.1f} mL in {report['components']} region(s), "
+        f"max score {report['max_score']:.3f}, threshold {report['threshold']:.3g}"
+    )

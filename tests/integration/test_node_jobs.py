@@ -1,0 +1,195 @@
+"""The node end to end: dcmtk ``storescu`` sends studies to ``uad-node serve``; the node completes the series,
+decides, analyses and sends SEG and Secondary Captures to a real Orthanc; restarts and a PACS outage lose and
+duplicate nothing.
+
+The model is a narrow untrained network on the real model grid (``tests.tiny_model.write_fast_checkpoint``):
+every stage runs for real, inference takes about a second. Quiet periods are 1 s to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from node.db import open_database
+from node.jobs.states import JobState
+from node.jobs.store import JobRecord, JobStore
+from node.sender import DeliveryState
+from node.sender.deliveries import DeliveryLedger
+from tests import brains
+from tests.dicom_series import AXIAL, SAGITTAL, centred_grid, resample, write_mr_series
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, require_tool, running_orthanc
+from tests.tiny_model import write_fast_checkpoint
+
+pytestmark = pytest.mark.peers
+
+WAIT_S = 180.0  # a generous bound for one analysis on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fast_checkpoint(tmp_path_factory.mktemp("model") / "fast.pt")
+
+
+def write_study(folder: Path, slices: int = 40) -> tuple[str, str, str]:
+    """A T1 of Colin27 to analyse and a 3-slice localizer to skip, in one new study: (study, t1, localizer)."""
+    colin = brains.colin27(skull=True)
+    study_uid = generate_uid()
+    t1 = write_mr_series(
+        resample(colin, centred_grid(colin, AXIAL, (1.5, 1.5, 3.5), (120, 140, slices))),
+        folder / "t1",
+        description="T1 MPRAGE AX",
+        study_uid=study_uid,
+    )
+    localizer = write_mr_series(
+        resample(colin, centred_grid(colin, SAGITTAL, (2.0, 2.0, 10.0), (64, 64, 3))),
+        folder / "localizer",
+        description="localizer",
+        study_uid=study_uid,
+        series_number=2,
+    )
+    uid = lambda path: str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)  # noqa: E731
+    return study_uid, uid(t1[0]), uid(localizer[0])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str]:
+    folder = tmp_path_factory.mktemp("study")
+    return (folder, *write_study(folder))
+
+
+def config_for(tmp_path: Path, port: int, checkpoint: Path, pacs_port: int, extra: str = "") -> Path:
+    return node_config(
+        tmp_path,
+        port,
+        extra=f"""
+[selection]
+models = {{ T1 = "{checkpoint}" }}
+
+[completion]
+series_quiet_s = 1
+study_quiet_s = 2
+
+[jobs]
+threads = 1  # the suite shares two cores with the test process and its peers
+poll_interval_s = 0.2
+export_first_delay_s = 0.5
+export_max_delay_s = 2
+{extra}
+
+[[destinations]]
+name = "pacs"
+ae_title = "ORTHANC"
+host = "127.0.0.1"
+port = {pacs_port}
+""",
+    )
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    with running_orthanc(tmp_path / "orthanc", {"node": "UADNODE", "scanner": "SCANNER1"}) as pacs:
+        yield pacs
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[Callable[[Path], NodeProcess]]:
+    started: list[NodeProcess] = []
+
+    def start(config: Path) -> NodeProcess:
+        node = NodeProcess(config, tmp_path / "data", int(_port_of(config)), "UADNODE").start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def _port_of(config: Path) -> str:
+    return next(line.split("=")[1].strip() for line in config.read_text().splitlines() if line.startswith("port"))
+
+
+def send(folder: Path, port: int, calling_ae: str = "SCANNER1") -> subprocess.Popen[bytes]:
+    storescu = require_tool("storescu")
+    return subprocess.Popen(
+        [storescu, "-aet", calling_ae, "-aec", "UADNODE", "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def sent(process: subprocess.Popen[bytes]) -> None:
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err.decode(errors="replace")
+
+
+def jobs_of(data_dir: Path) -> list[JobRecord]:
+    db = open_database(f"sqlite:///{data_dir / 'uad-node.sqlite'}", migrate=False)
+    try:
+        return JobStore(db).all()
+    finally:
+        db.close()
+
+
+def wait_for(data_dir: Path, node: NodeProcess, done: Callable[[list[JobRecord]], bool], what: str) -> list[JobRecord]:
+    deadline = time.monotonic() + WAIT_S
+    jobs: list[JobRecord] = []
+    while time.monotonic() < deadline:
+        if (data_dir / "uad-node.sqlite").exists():
+            jobs = jobs_of(data_dir)
+            if done(jobs):
+                return jobs
+        assert node.process is not None and node.process.poll() is None, node.log()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: not after {WAIT_S} s; jobs: {jobs}\n{node.log()[-3000:]}")
+
+
+def finished(count: int) -> Callable[[list[JobRecord]], bool]:
+    return lambda jobs: len(jobs) >= count and all(job.state.finished for job in jobs)
+
+
+def results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[str]]:
+    """Modality -> SOP Instance UIDs of the objects Orthanc holds in the study."""
+    found: dict[str, list[str]] = {}
+    studies = orthanc.get("/studies?expand")
+    [study_id] = [s["ID"] for s in studies if s["MainDicomTags"]["StudyInstanceUID"] == study_uid]  # type: ignore
+    for series in orthanc.get(f"/studies/{study_id}/series"):  # type: ignore[union-attr]
+        modality = series["MainDicomTags"]["Modality"]
+        for instance in orthanc.get(f"/series/{series['ID']}/instances"):  # type: ignore[union-attr]
+            found.setdefault(modality, []).append(instance["MainDicomTags"]["SOPInstanceUID"])
+    return found
+
+
+def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
+) -> None:
+    folder, study_uid, t1_uid, localizer_uid = study
+    node = start_node(config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port))
+    sent(send(folder, node.port))
+    jobs = wait_for(node.data_dir, node, finished(2), "both series decided and the T1 done")
+    by_series = {job.series_uid: job for job in jobs}
+    t1, localizer = by_series[t1_uid], by_series[localizer_uid]
+    assert (t1.state, localizer.state) == (JobState.DONE, JobState.SKIPPED), jobs
+    assert "slices" in localizer.reason or "localizer" in localizer.reason
+    assert t1.reason.startswith("delivered to pacs")
+    assert set(t1.stage_seconds()) == {"completion_wait", "queued", "preprocessing", "inferring", "exporting"}
+    assert t1.stage_seconds()["completion_wait"] >= 1.0  # the quiet period
+    assert set(t1.report["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
+
+    print("stages", t1.stage_seconds(), "analysis", t1.report["timings_s"])
+    in_pacs = results_in_orthanc(orthanc, study_uid)
+    results = sorted(Path(t1.results_dir).rglob("*.dcm"))
+    assert sorted(in_pacs) == ["OT", "SEG"]  # the source MR went to the node, not to Orthanc
+    assert len(in_pacs["SEG"]) == 1 and len(in_pacs["OT"]) == len(results) - 1
+
+    status = node.status()
+    states = {job["series_uid"]: (job["state"], job["reason"]) for job in status["jobs"]}
+    assert states[t1_uid][0] == "done" and states[localizer_uid] == ("skipped", localizer.reason)
+    assert status["disk"]["refusing_images"] is False
