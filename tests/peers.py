@@ -6,21 +6,31 @@ A missing tool skips its tests on a developer machine; with UAD_REQUIRE_PEERS=1
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from node.demo import pacs
+from node.demo.pacs import Orthanc, free_port, wait_for_port
+
+__all__ = [
+    "NodeProcess",
+    "Orthanc",
+    "free_port",
+    "node_config",
+    "require_file",
+    "require_tool",
+    "running_orthanc",
+    "validate_with_dciodvfy",
+    "wait_for_port",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,27 +54,6 @@ def require_file(path: Path) -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return path
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen | None = None, timeout_s: float = 20.0) -> None:
-    """Block until 127.0.0.1:port accepts connections; fail early if the process died."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout_s} s")
 
 
 @dataclass
@@ -173,62 +162,9 @@ def validate_with_dciodvfy(path: Path) -> list[str]:
     return warnings
 
 
-@dataclass
-class Orthanc:
-    """A running Orthanc: DICOM and REST ports on 127.0.0.1."""
-
-    dicom_port: int
-    http_port: int
-    process: subprocess.Popen[bytes]
-
-    def get(self, path: str) -> object:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
-
-@contextmanager
-def running_orthanc(folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC") -> Iterator[Orthanc]:
-    """A real Orthanc PACS (AE ``ae_title``) storing under ``folder``, knowing ``modalities`` (name -> AE
-    title, all on 127.0.0.1) and checking called AE titles; always stopped. Orthanc listens on all
-    interfaces: only loopback traffic is ever sent to it."""
-    binary = require_tool("Orthanc")
-    folder.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
-    config = {
-        "Name": "uad-node-test",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "storage"),
-        "DicomAet": ae_title,
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": True,
-        "DicomAlwaysAllowStore": False,
-        "DicomModalities": {name: [ae, "127.0.0.1", 104] for name, ae in modalities.items()},
-        "MaximumPduLength": 131072,
-        "DicomScpTimeout": 5,
-        "Plugins": [],
-        "SaveJobs": False,
-        "StorageCompression": False,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    with open(folder / "orthanc.log", "wb") as log:
-        process = subprocess.Popen(
-            [binary, str(folder / "orthanc.json")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
-    try:
-        wait_for_port(http_port, process)
-        wait_for_port(dicom_port, process)
-        yield Orthanc(dicom_port=dicom_port, http_port=http_port, process=process)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+def running_orthanc(
+    folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC"
+) -> AbstractContextManager[Orthanc]:
+    """A real Orthanc PACS (``node.demo.pacs.running_orthanc``), or skip (fail under UAD_REQUIRE_PEERS=1)
+    when Orthanc is not installed."""
+    return pacs.running_orthanc(folder, modalities, ae_title, binary=require_tool("Orthanc"))

@@ -181,7 +181,7 @@ def test_bad_or_missing_uids_fail_and_write_nothing(node: NodeProcess, attribute
     assert statuses[0] not in (0x0000, 0xB000, 0xB007, 0xB006)
     assert 0xA000 <= statuses[0] <= 0xCFFF
     assert stored_files(node) == []
-    assert node.status() == {"studies": []}
+    assert node.status()["studies"] == []
     assert not list(node.data_dir.parent.rglob("evil*")) and not (node.data_dir / "outside").exists()
 
 

@@ -193,11 +193,15 @@ def status_config(tmp_path: Path) -> Path:
 
 
 def test_status_json_without_database_is_empty(status_config: Path) -> None:
-    """``status --json`` before anything was received prints an empty study list and exits 0."""
+    """``status --json`` before anything was received: no studies, no jobs, the disk, exit 0, nothing created."""
     assert not (status_config.parent / "data").exists()
     result = _status(status_config)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"studies": []}
+    report = json.loads(result.stdout)
+    assert (report["studies"], report["jobs"]) == ([], [])
+    assert report["disk"]["min_free_mb"] == 1024 and report["disk"]["free_mb"] > 0
+    assert report["disk"]["refusing_images"] is (report["disk"]["free_mb"] < 1024)
+    assert not (status_config.parent / "data").exists()
 
 
 def test_status_json_contract_with_one_series(status_config: Path) -> None:
@@ -210,7 +214,7 @@ def test_status_json_contract_with_one_series(status_config: Path) -> None:
     result = _status(status_config)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert list(report) == ["studies"]
+    assert list(report) == ["disk", "studies", "jobs"]
     [study] = report["studies"]
     assert set(study) == {"study_uid", "series"}
     assert study["study_uid"] == STUDY_UID
