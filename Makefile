@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# Main job on the embedded defaults. Until the end-to-end demo lands, this runs the receiver
-# on config/node.toml (127.0.0.1:11112, data in ./uad-data); stop it with Ctrl-C.
+# Main job on the embedded defaults: a local PACS, the node (SQLite, shipped checkpoint) and a sample
+# study sent over DICOM; prints the findings and timings, writes demo-output/summary.png.
 demo: venv
-	$(VENV)/bin/uad-node serve --config config/node.toml
+	$(VENV)/bin/uad-node demo --out demo-output
 
 test: venv
 	$(PY) -m pytest
@@ -29,4 +29,4 @@ bench: venv
 	$(PY) tests/benchmarks/bench_preprocess.py
 
 clean:
-	rm -rf $(VENV) uad-data .pytest_cache
+	rm -rf $(VENV) uad-data demo-output .pytest_cache

@@ -23,7 +23,15 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
 from node.config import ResultsSection
-from node.results import Findings, build_secondary_captures, build_segmentations, findings_from
+from node.results import (
+    Findings,
+    Region,
+    build_secondary_captures,
+    build_segmentations,
+    findings_from,
+    largest_region,
+    series_report,
+)
 from node.volume import VolumeRejected, series_to_volume
 from node.volume.assemble import Instance
 
@@ -45,9 +53,16 @@ class SeriesAnalysis:
     segmentations: list[Dataset]  # the BINARY SEG (and the FRACTIONAL score SEG when configured)
     secondary_captures: list[Dataset]  # the summary first, then the overlays, one SC series
     summary_png: bytes
+    largest: Region | None  # the biggest connected finding, placed in patient coordinates
     model: str
     threshold: float
     timings_s: dict[str, float]  # volume, preprocessing, inference, objects
+
+    def report(self, reason: str) -> dict:
+        """The series' report.json entry (``reason``: why it was selected)."""
+        return series_report(
+            self.series_uid, True, reason, self.findings, self.model, self.threshold, self.timings_s, self.largest
+        )
 
 
 class Analyser:
@@ -112,6 +127,7 @@ class Analyser:
             segmentations=segmentations,
             secondary_captures=captures,
             summary_png=png,
+            largest=largest_region(findings, volume.image),
             model=f"{name} {detector.version}",
             threshold=result.threshold,
             timings_s=timings,

@@ -63,11 +63,7 @@ def analyze_folder(
             f"series {series.series_uid}: {found.anomaly_volume_ml:.1f} mL in {found.components} region(s), "
             f"max score {found.max_score:.3f} (threshold {analysis.threshold:.3g})"
         )
-        entries.append(
-            series_report(
-                series.series_uid, True, decision.reason, found, analysis.model, analysis.threshold, analysis.timings_s
-            )
-        )
+        entries.append(analysis.report(decision.reason))
     out.mkdir(parents=True, exist_ok=True)
     write_report(out / "report.json", entries)
     return entries

@@ -23,7 +23,6 @@ from node.jobs.store import JobError, JobRecord, JobStore
 from node.status import NodeStatus, collect_jobs, collect_status, disk_status, status_json, status_text
 
 DEFAULT_CONFIG = Path("config/node.toml")
-log = logging.getLogger("node")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job", type=int, help="job id (see `uad-node status`)")
     cancel.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     cancel.set_defaults(run=_cancel)
+
+    demo = commands.add_parser(
+        "demo", help="the whole node on this machine: sample study -> node -> SEG and overlays in a local PACS"
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="where summary.png and report.json go")
+    demo.add_argument("--quiet", type=float, default=3.0, help="series quiet period in seconds (node default: 10)")
+    demo.add_argument("--no-orthanc", action="store_true", help="use the built-in storage SCP even if Orthanc is here")
+    demo.add_argument("--seed", type=int, default=0, help="which simulated lesion")
+    demo.add_argument("--threads", type=int, default=0, help="model threads (default: all cores)")
+    demo.add_argument("--keep", action="store_true", help="keep the node's data and the PACS storage")
+    demo.set_defaults(run=_demo)
 
     analyze = commands.add_parser("analyze", help="the whole pipeline on a folder of DICOM files, offline")
     analyze.add_argument("input", type=Path, help="a folder with a series or a whole study (searched recursively)")
@@ -194,6 +204,16 @@ def _on_jobs(config_path: Path, action: Callable[[JobStore], list[JobRecord]]) -
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from node.demo.run import DemoOptions, main
+
+    options = DemoOptions(
+        out=args.out, quiet_s=args.quiet, prefer_orthanc=not args.no_orthanc, seed=args.seed, threads=args.threads,
+        keep=args.keep,
+    )  # fmt: skip
+    return main(options)
+
+
 def _analyze(args: argparse.Namespace) -> int:
     from node.analyze_folder import InputError, analyze_folder
 
@@ -291,44 +311,10 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 2
-    logging.basicConfig(
-        level=config.logging.level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("pynetdicom", "apscheduler", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from node.service import configure_logging, run_node
+
+    configure_logging(config.logging.level, logging.StreamHandler(sys.stderr))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     return run_node(config, stop)
-
-
-def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event | None = None) -> int:
-    """The receiver and the job scheduler until ``stop`` is set (``serve``, and the demo in-process)."""
-    from node.jobs.scheduler import JobScheduler
-    from node.receiver import Receiver
-
-    try:
-        config.node.data_dir.mkdir(parents=True, exist_ok=True)
-        db = open_database(config.node.effective_database_url())
-    except (OSError, SQLAlchemyError) as exc:
-        log.error("cannot open data directory or database: %s", exc)
-        return 1
-    receiver = Receiver(config=config, db=db)
-    try:
-        receiver.start()
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror or exc)
-        db.close()
-        return 1
-    scheduler = JobScheduler(config, db)
-    scheduler.start()
-    if started is not None:
-        started.set()
-    stop.wait()
-    log.info("stopping: no new associations; finishing stores in flight and the running job stage")
-    receiver.stop()
-    scheduler.stop()
-    db.close()
-    return 0

@@ -23,7 +23,6 @@ from node.db.database import Database
 from node.jobs.config import JobsSection
 from node.jobs.states import JobState
 from node.jobs.store import JobRecord, JobStore
-from node.results import series_report
 from node.selection import SelectionSection, decide_stored_series
 
 log = logging.getLogger(__name__)
@@ -79,10 +78,7 @@ class Worker:
             analysis = self.analyser.analyse(self._files(job), Path(model), on_stage=enter)
             folder = self.results_root / f"job-{job.id}"
             files = write_results(analysis, folder)
-            report = series_report(
-                job.series_uid, True, job.reason, analysis.findings, analysis.model, analysis.threshold,
-                analysis.timings_s,
-            )  # fmt: skip
+            report = analysis.report(job.reason)
             if self.store.record_results(job.id, folder, report):
                 _log(job, f"results written: {len(files)} objects in {folder} ({_figures(report)})")
         except _Stop as stop:

@@ -4,7 +4,7 @@ Every object belongs to the source study, lives in a new series with new UIDs on
 the source images it was computed from, and is marked research use only.
 """
 
-from node.results.findings import Findings, findings_from
+from node.results.findings import Findings, Region, findings_from, largest_region
 from node.results.overlays import build_overlays
 from node.results.report import series_report, write_report
 from node.results.seg import build_segmentation, build_segmentations
@@ -12,12 +12,14 @@ from node.results.summary import build_secondary_captures, build_summary
 
 __all__ = [
     "Findings",
+    "Region",
     "build_overlays",
     "build_secondary_captures",
     "build_segmentation",
     "build_segmentations",
     "build_summary",
     "findings_from",
+    "largest_region",
     "series_report",
     "write_report",
 ]

@@ -102,3 +102,25 @@ def count_components(mask: np.ndarray) -> int:
         return 0
     labels = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
     return int(sitk.GetArrayViewFromImage(labels).max())
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected finding: how big, and where (patient coordinates, so a reader can find it in any viewer)."""
+
+    volume_ml: float
+    centre_lps: tuple[float, float, float]  # centroid, mm, DICOM patient coordinates (x to the left, y back, z up)
+
+
+def largest_region(findings: Findings, grid: sitk.Image) -> Region | None:
+    """The biggest 26-connected component of the mask, placed with ``grid`` (the series image: origin,
+    spacing, direction); None when nothing was found."""
+    if not findings.found:
+        return None
+    mask = sitk.GetImageFromArray(findings.mask.astype(np.uint8))
+    mask.CopyInformation(grid)
+    labels = sitk.RelabelComponent(sitk.ConnectedComponent(mask, True), sortByObjectSize=True)
+    shape = sitk.LabelShapeStatisticsImageFilter()
+    shape.Execute(labels)
+    centre = tuple(round(float(c), 1) for c in shape.GetCentroid(1))
+    return Region(volume_ml=shape.GetNumberOfPixels(1) * findings.voxel_volume_ml, centre_lps=centre)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from node.results.findings import Findings
+from node.results.findings import Findings, Region
 
 
 def series_report(
@@ -20,6 +20,7 @@ def series_report(
     model: str | None,
     threshold: float | None,
     timings_s: dict[str, float],
+    largest: Region | None = None,
 ) -> dict:
     """One entry of report.json. Figures are null for a series that was not analysed (``findings`` None);
     ``model`` and ``threshold`` default to the findings' own when those are given."""
@@ -32,6 +33,9 @@ def series_report(
         "anomaly_volume_ml": _number(findings.anomaly_volume_ml if findings is not None else None),
         "components": findings.components if findings is not None else None,
         "max_score": _number(findings.max_score if findings is not None else None),
+        "largest_region": {"volume_ml": _number(largest.volume_ml), "centre_lps": list(largest.centre_lps)}
+        if largest is not None
+        else None,
         "timings_s": {name: round(float(seconds), 3) for name, seconds in timings_s.items()},
     }
 
