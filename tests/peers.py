@@ -163,8 +163,8 @@ def validate_with_dciodvfy(path: Path) -> list[str]:
 
 
 def running_orthanc(
-    folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC"
+    folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC", dicom_port: int | None = None
 ) -> AbstractContextManager[Orthanc]:
     """A real Orthanc PACS (``node.demo.pacs.running_orthanc``), or skip (fail under UAD_REQUIRE_PEERS=1)
     when Orthanc is not installed."""
-    return pacs.running_orthanc(folder, modalities, ae_title, binary=require_tool("Orthanc"))
+    return pacs.running_orthanc(folder, modalities, ae_title, binary=require_tool("Orthanc"), dicom_port=dicom_port)

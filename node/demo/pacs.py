@@ -108,7 +108,11 @@ class Orthanc:
 
 @contextmanager
 def running_orthanc(
-    folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC", binary: str | None = None
+    folder: Path,
+    modalities: dict[str, str],
+    ae_title: str = "ORTHANC",
+    binary: str | None = None,
+    dicom_port: int | None = None,
 ) -> Iterator[Orthanc]:
     """A real Orthanc PACS (AE ``ae_title``) storing under ``folder``; always stopped.
 
@@ -121,7 +125,7 @@ def running_orthanc(
     if binary is None:
         raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
     folder.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = free_port(), free_port()
+    dicom_port, http_port = dicom_port or free_port(), free_port()
     config = {
         "Name": "uad-node-local",
         "StorageDirectory": str(folder / "storage"),

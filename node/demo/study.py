@@ -39,7 +39,7 @@ SIMULATION_MM = 2.0  # the lesion simulator's sizes assume isotropic voxels of t
 MAX_CSF_FRACTION = 0.05  # of the lesion's voxels that were CSF-dark before: more, and it hides in a ventricle
 LESION_TRIES = 20
 
-_STUDY: dict[str, Any] = {
+STUDY_ATTRIBUTES: dict[str, Any] = {
     "PatientName": PATIENT_NAME,
     "PatientID": PATIENT_ID,
     "PatientSex": "O",
@@ -51,7 +51,7 @@ _STUDY: dict[str, Any] = {
     "MagneticFieldStrength": 3.0,
 }
 # A 3 T MPRAGE's timing and sequence: classified T1 by its name and by its timing alike.
-_T1: dict[str, Any] = {
+T1_ATTRIBUTES: dict[str, Any] = {
     "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"],
     "ProtocolName": "t1_mprage_ax",
     "ScanningSequence": ["GR", "IR"],
@@ -115,7 +115,7 @@ def build_sample_study(folder: Path, seed: int = 0) -> SampleStudy:
         study_uid=study_uid,
         series_uid=t1_uid,
         frame_of_reference_uid=frame_of_reference,
-        attributes={**_STUDY, **_T1, "SeriesTime": "120500"},
+        attributes={**STUDY_ATTRIBUTES, **T1_ATTRIBUTES, "SeriesTime": "120500"},
     )
     localizer_grid = centred_grid(head, SAGITTAL, LOCALIZER_SPACING, LOCALIZER_SIZE)
     localizer_files = write_mr_series(
@@ -126,7 +126,7 @@ def build_sample_study(folder: Path, seed: int = 0) -> SampleStudy:
         series_number=2,
         series_uid=localizer_uid,
         frame_of_reference_uid=frame_of_reference,
-        attributes={**_STUDY, **_LOCALIZER, "SeriesTime": "120100"},
+        attributes={**STUDY_ATTRIBUTES, **_LOCALIZER, "SeriesTime": "120100"},
     )
     return SampleStudy(
         study_uid=study_uid,

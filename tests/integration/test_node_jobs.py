@@ -64,6 +64,12 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str
     return (folder, *write_study(folder))
 
 
+@pytest.fixture(scope="module")
+def other_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str, str]:
+    folder = tmp_path_factory.mktemp("other-study")
+    return (folder, *write_study(folder, slices=36))
+
+
 def config_for(tmp_path: Path, port: int, checkpoint: Path, pacs_port: int, extra: str = "") -> Path:
     return node_config(
         tmp_path,
@@ -151,6 +157,14 @@ def wait_for(data_dir: Path, node: NodeProcess, done: Callable[[list[JobRecord]]
     raise AssertionError(f"{what}: not after {WAIT_S} s; jobs: {jobs}\n{node.log()[-3000:]}")
 
 
+def deliveries(data_dir: Path, series_uid: str) -> list:
+    db = open_database(f"sqlite:///{data_dir / 'uad-node.sqlite'}", migrate=False)
+    try:
+        return DeliveryLedger(db).for_source_series(series_uid)
+    finally:
+        db.close()
+
+
 def finished(count: int) -> Callable[[list[JobRecord]], bool]:
     return lambda jobs: len(jobs) >= count and all(job.state.finished for job in jobs)
 
@@ -183,7 +197,6 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     assert t1.stage_seconds()["completion_wait"] >= 1.0  # the quiet period
     assert set(t1.report["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
 
-    print("stages", t1.stage_seconds(), "analysis", t1.report["timings_s"])
     in_pacs = results_in_orthanc(orthanc, study_uid)
     results = sorted(Path(t1.results_dir).rglob("*.dcm"))
     assert sorted(in_pacs) == ["OT", "SEG"]  # the source MR went to the node, not to Orthanc
@@ -193,3 +206,74 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     states = {job["series_uid"]: (job["state"], job["reason"]) for job in status["jobs"]}
     assert states[t1_uid][0] == "done" and states[localizer_uid] == ("skipped", localizer.reason)
     assert status["disk"]["refusing_images"] is False
+
+
+def test_kill_9_during_the_analysis_then_restart_completes_it_once(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
+) -> None:
+    folder, study_uid, t1_uid, _ = study
+    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
+    node = start_node(config)
+    sent(send(folder, node.port))
+    running = lambda jobs: any(j.series_uid == t1_uid and j.state.analysing for j in jobs)  # noqa: E731
+    wait_for(node.data_dir, node, running, "the T1 analysis running")
+    assert node.process is not None
+    node.process.kill()  # SIGKILL: no clean-up of any kind
+    node.process.wait(timeout=10)
+    node.process = None
+
+    restarted = start_node(config)
+    jobs = wait_for(restarted.data_dir, restarted, finished(2), "the interrupted job done after the restart")
+    [t1] = [job for job in jobs if job.series_uid == t1_uid]
+    assert (t1.state, t1.attempts, t1.version) == (JobState.DONE, 2, 1)
+    assert len([job for job in jobs if job.series_uid == t1_uid]) == 1
+    rows = deliveries(restarted.data_dir, t1_uid)
+    assert rows and {(r.state, r.attempts) for r in rows} == {(DeliveryState.DELIVERED, 1)}  # each sent once
+    in_pacs = results_in_orthanc(orthanc, study_uid)
+    assert len(in_pacs["SEG"]) == 1 and sorted(in_pacs["SEG"] + in_pacs["OT"]) == sorted(
+        r.sop_instance_uid for r in rows
+    )
+    assert "was preprocessing when the node stopped" in restarted.log() or "was inferring" in restarted.log()
+
+
+def test_pacs_down_during_export_then_back_results_arrive_once(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, start_node: Callable
+) -> None:
+    folder, study_uid, t1_uid, _ = study
+    pacs_port = free_port()  # nothing listens there yet
+    node = start_node(config_for(tmp_path, free_port(), checkpoint, pacs_port))
+    sent(send(folder, node.port))
+    postponed = lambda jobs: any(  # noqa: E731
+        j.series_uid == t1_uid and j.state is JobState.EXPORTING and "next attempt" in j.reason for j in jobs
+    )
+    [waiting] = [j for j in wait_for(node.data_dir, node, postponed, "export postponed") if j.series_uid == t1_uid]
+    assert "pacs:" in waiting.reason
+
+    with running_orthanc(tmp_path / "orthanc", {"node": "UADNODE"}, dicom_port=pacs_port) as orthanc:
+        jobs = wait_for(node.data_dir, node, finished(2), "results delivered once the PACS is back")
+        [t1] = [job for job in jobs if job.series_uid == t1_uid]
+        assert t1.state is JobState.DONE, t1
+        rows = deliveries(node.data_dir, t1_uid)
+        assert {r.state for r in rows} == {DeliveryState.DELIVERED} and min(r.attempts for r in rows) >= 2
+        in_pacs = results_in_orthanc(orthanc, study_uid)
+        results = sorted(Path(t1.results_dir).rglob("*.dcm"))
+        assert len(in_pacs["SEG"]) == 1 and len(in_pacs["SEG"]) + len(in_pacs["OT"]) == len(results) == len(rows)
+
+
+def test_two_studies_sent_at_once_by_two_senders_are_both_analysed(
+    tmp_path: Path,
+    study: tuple[Path, str, str, str],
+    other_study: tuple[Path, str, str, str],
+    checkpoint: Path,
+    orthanc: Orthanc,
+    start_node: Callable,
+) -> None:
+    node = start_node(config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port))
+    senders = [send(study[0], node.port, "SCANNER1"), send(other_study[0], node.port, "SCANNER2")]
+    for process in senders:
+        sent(process)
+    jobs = wait_for(node.data_dir, node, finished(4), "both studies analysed")
+    done = {job.series_uid for job in jobs if job.state is JobState.DONE}
+    assert done == {study[2], other_study[2]}, jobs
+    for _, study_uid, *_ in (study, other_study):
+        assert len(results_in_orthanc(orthanc, study_uid)["SEG"]) == 1
