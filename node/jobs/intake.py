@@ -157,6 +157,7 @@ class Intake:
         state, reason, model = self._decide(snapshot)
         with self.db.session.begin() as session:
             latest = self.store.latest(session, item.series_id)
+            updated = 0
             if latest is not None and latest.state == str(JobState.QUEUED):
                 values = {
                     "state": str(state), "reason": reason, "model": model, "instances": snapshot.instances,
@@ -169,9 +170,7 @@ class Intake:
                 ).rowcount
                 if updated:
                     job_id, verb = latest.id, "takes in the new images"
-                else:  # a worker claimed it meanwhile: the images are late for it
-                    latest = None
-            if latest is None or latest.state != str(JobState.QUEUED):
+            if not updated:  # no queued job, or a worker claimed it meanwhile: the images are late for it
                 version = (latest.version + 1) if latest is not None else 1
                 job_id, verb = self.store.create(session, snapshot, state, reason, model, version).id, "created"
         job = self.store.get(job_id)

@@ -27,7 +27,8 @@ def delete_expired_images(db: Database, data_dir: Path, days: float, now: dateti
     """Delete the images of every qualifying series; returns their series UIDs. ``days`` 0 does nothing."""
     if days <= 0:
         return []
-    cutoff = (now or utcnow()) - timedelta(days=days)
+    now = now or utcnow()
+    cutoff = now - timedelta(days=days)
     newest = select(Job.series_id, func.max(Job.version).label("version")).group_by(Job.series_id).subquery()
     with db.session() as session:
         rows = session.execute(
@@ -35,7 +36,8 @@ def delete_expired_images(db: Database, data_dir: Path, days: float, now: dateti
             .join(newest, newest.c.series_id == Series.id)
             .join(Job, (Job.series_id == Series.id) & (Job.version == newest.c.version))
             .where(
-                Series.images_deleted_at.is_(None),
+                # Images received after an earlier deletion (the series sent again) go with their own job.
+                Series.images_deleted_at.is_(None) | (Series.images_deleted_at < Job.finished_at),
                 Job.state.in_([str(JobState.DONE), str(JobState.SKIPPED)]),
                 Job.finished_at <= cutoff,
             )
@@ -55,7 +57,7 @@ def delete_expired_images(db: Database, data_dir: Path, days: float, now: dateti
         for folder in folders:
             _remove_empty(folder, studies_dir)
         with db.session.begin() as session:
-            session.execute(update(Series).where(Series.id == series_id).values(images_deleted_at=utcnow()))
+            session.execute(update(Series).where(Series.id == series_id).values(images_deleted_at=now))
         log.info("retention: deleted %d image file(s) of series %s", len(paths), series_uid)
         deleted.append(series_uid)
     return deleted

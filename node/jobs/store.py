@@ -285,6 +285,9 @@ class JobStore:
                 )  # fmt: skip
                 # An empty model: the worker decides the series again before analysing it.
                 job = self.create(session, snapshot, JobState.QUEUED, f"retry of job {job_id}", "", version + 1)
+                # Images the series' jobs already accounted for (ignored late ones, a newer version's) stay
+                # accounted for: intake reads this from the newest version and would take them for new ones.
+                job.seen_instance_id = max(row.seen_instance_id, newest.seen_instance_id if newest else 0)
                 return JobRecord.of(job)
             raise JobError(f"job {job_id} is {state}; only failed, cancelled, done or skipped jobs can be retried")
 
