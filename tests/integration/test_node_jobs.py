@@ -9,6 +9,7 @@ every stage runs for real, inference takes about a second. Quiet periods are 1 s
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -277,3 +278,58 @@ def test_two_studies_sent_at_once_by_two_senders_are_both_analysed(
     assert done == {study[2], other_study[2]}, jobs
     for _, study_uid, *_ in (study, other_study):
         assert len(results_in_orthanc(orthanc, study_uid)["SEG"]) == 1
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", *args, "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_sigterm_mid_analysis_requeues_the_job_without_costing_an_attempt(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
+) -> None:
+    folder, _, t1_uid, _ = study
+    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
+    node = start_node(config)
+    sent(send(folder, node.port))
+    running = lambda jobs: any(j.series_uid == t1_uid and j.state.analysing for j in jobs)  # noqa: E731
+    wait_for(node.data_dir, node, running, "the T1 analysis running")
+    assert node.stop(timeout_s=120) == 0
+    [t1] = [job for job in jobs_of(node.data_dir) if job.series_uid == t1_uid]
+    assert (t1.state, t1.attempts) == (JobState.QUEUED, 0), t1
+    assert "node stopping" in t1.reason
+
+    restarted = start_node(config)
+    jobs = wait_for(restarted.data_dir, restarted, finished(2), "the requeued job done after the restart")
+    [t1] = [job for job in jobs if job.series_uid == t1_uid]
+    assert (t1.state, t1.attempts) == (JobState.DONE, 1)
+
+
+def test_status_retry_and_cancel_from_the_command_line(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
+) -> None:
+    folder, study_uid, t1_uid, localizer_uid = study
+    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
+    node = start_node(config)
+    sent(send(folder, node.port))
+    jobs = wait_for(node.data_dir, node, finished(2), "both series decided and the T1 done")
+    [t1] = [job for job in jobs if job.series_uid == t1_uid]
+    [localizer] = [job for job in jobs if job.series_uid == localizer_uid]
+
+    text = cli(config, "status").stdout
+    assert f"{t1.id}  v1  done" in text and localizer.reason in text and "accepting images" in text, text
+
+    refused = cli(config, "cancel", str(t1.id))
+    assert refused.returncode == 2 and f"job {t1.id} is already done" in refused.stderr
+    assert cli(config, "retry", "--failed").stdout.strip() == "no failed jobs"
+
+    # Asked explicitly, a done job runs again as version 2, with new result series.
+    again = cli(config, "retry", str(t1.id))
+    assert again.returncode == 0 and "queued" in again.stdout, again.stderr
+    jobs = wait_for(node.data_dir, node, finished(3), "version 2 done")
+    [second] = [job for job in jobs if job.series_uid == t1_uid and job.version == 2]
+    assert second.state is JobState.DONE and second.results_dir != t1.results_dir
+    assert len(results_in_orthanc(orthanc, study_uid)["SEG"]) == 2
+    assert cli(config, "retry", "12345").returncode == 2
+    assert {job.series_uid for job in jobs} == {t1_uid, localizer_uid}
