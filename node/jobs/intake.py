@@ -6,9 +6,10 @@ the first image it is waiting on. A complete series is decided by the selection 
 queued with its model, or skipped with the rule that skipped it.
 
 Images that arrive later: while the series' job is still queued, the job simply takes them in; once it
-has started, ``late_images = "new-version"`` makes a new job version when the series is quiet again (its
-results go out as new series; the older version, if still analysing, stops as superseded) and
-``"ignore"`` counts them on the job and leaves it. A skipped series is always decided again.
+is analysing or done, ``late_images = "new-version"`` makes a new job version when the series is quiet
+again (its results go out as new series; the older version, if still analysing, stops as superseded) and
+``"ignore"`` counts them on the job and leaves it. A skipped, failed or cancelled series is always decided
+again.
 
 Finding what changed is cheap: each poll reads only instance rows newer than the last poll (a
 high-water mark on ``instances.id``); a series stays in memory until it has a job that accounts for
@@ -33,6 +34,10 @@ from node.jobs.store import JobRecord, JobStore, Snapshot
 from node.selection import SelectionSection, decide_stored_series
 
 log = logging.getLogger(__name__)
+
+# The late-image policy applies to a series whose job is analysing or has delivered; one that was skipped,
+# failed or cancelled is decided again with its new images (they may be what it was missing).
+_STARTED = frozenset({JobState.PREPROCESSING, JobState.INFERRING, JobState.EXPORTING, JobState.DONE})
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class Intake:
         snapshot = self._snapshot(item)
         with self.db.session() as session:
             latest = self.store.latest(session, item.series_id)
-            started = latest is not None and JobState(latest.state) not in (JobState.QUEUED, JobState.SKIPPED)
+            started = latest is not None and JobState(latest.state) in _STARTED
             late = 0
             if started:
                 late = session.scalar(

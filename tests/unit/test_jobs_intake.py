@@ -281,6 +281,22 @@ def test_ignored_late_images_are_counted_once_and_make_no_job(store: InstanceSto
     assert len(jobs_of(db, series)) == 1
 
 
+@pytest.mark.parametrize("ended", [JobState.FAILED, JobState.CANCELLED])
+def test_a_failed_or_cancelled_series_that_receives_more_images_is_decided_again(
+    store: InstanceStore, db: Database, ended: JobState
+) -> None:
+    """The late-image policy ("ignore" here) covers jobs analysing or done; new images may be what a failed
+    series was missing."""
+    series = series_of(4)
+    receive(store, series, 0)
+    intake = make_intake(db, series_quiet_s=10, late_images="ignore")
+    [job] = intake.poll(at(10))
+    start(db, job, ended)
+    receive(store, more(series, 2), 20)
+    [again] = intake.poll(at(30))
+    assert (again.version, again.state, again.instances) == (2, JobState.QUEUED, 6)
+
+
 def test_a_skipped_series_that_receives_more_images_is_decided_again(store: InstanceStore, db: Database) -> None:
     series = series_of(4)
     receive(store, series, 0)
