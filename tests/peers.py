@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from contextlib import AbstractContextManager
@@ -83,14 +82,7 @@ class NodeProcess:
         if self.process is None:
             return 0
         process, self.process = self.process, None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        return int(process.returncode)
+        return pacs.stop_process(process, timeout_s)
 
     def log(self) -> str:
         path = self.config_path.with_suffix(".log")

@@ -164,18 +164,19 @@ def running_orthanc(
             raise RuntimeError(f"Orthanc did not start: {exc}; its log ({log_path}) ends:\n" + "\n".join(tail)) from exc
         yield Orthanc(dicom_port=dicom_port, http_port=http_port, process=process, ae_title=ae_title)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if it has not exited in time."""
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> int:
+    """SIGTERM, then SIGKILL if it has not exited in ``timeout_s``; returns the exit code."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=STOP_TIMEOUT_S)
+            process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+    return int(process.returncode)
 
 
 # ---------------------------------------------------------------------------------------------

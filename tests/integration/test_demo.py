@@ -13,7 +13,7 @@ import pytest
 
 from tests.peers import REPO, require_tool
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(900)]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -28,7 +28,7 @@ from tests.dicom_series import AXIAL, SAGITTAL, centred_grid, resample, write_mr
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, require_tool, running_orthanc
 from tests.tiny_model import write_fast_checkpoint
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.timeout(900)]
 
 WAIT_S = 180.0  # a generous bound for one analysis on a loaded 2-core machine
 
@@ -209,15 +209,23 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     assert status["disk"]["refusing_images"] is False
 
 
+def analysing(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
+) -> tuple[Path, NodeProcess]:
+    """A node that was sent ``study`` and is analysing its T1 now: (its config, the node)."""
+    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
+    node = start_node(config)
+    sent(send(study[0], node.port))
+    running = lambda jobs: any(j.series_uid == study[2] and j.state.analysing for j in jobs)  # noqa: E731
+    wait_for(node.data_dir, node, running, "the T1 analysis running")
+    return config, node
+
+
 def test_kill_9_during_the_analysis_then_restart_completes_it_once(
     tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
 ) -> None:
-    folder, study_uid, t1_uid, _ = study
-    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
-    node = start_node(config)
-    sent(send(folder, node.port))
-    running = lambda jobs: any(j.series_uid == t1_uid and j.state.analysing for j in jobs)  # noqa: E731
-    wait_for(node.data_dir, node, running, "the T1 analysis running")
+    _, study_uid, t1_uid, _ = study
+    config, node = analysing(tmp_path, study, checkpoint, orthanc, start_node)
     assert node.process is not None
     node.process.kill()  # SIGKILL: no clean-up of any kind
     node.process.wait(timeout=10)
@@ -289,12 +297,8 @@ def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_sigterm_mid_analysis_requeues_the_job_without_costing_an_attempt(
     tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
 ) -> None:
-    folder, _, t1_uid, _ = study
-    config = config_for(tmp_path, free_port(), checkpoint, orthanc.dicom_port)
-    node = start_node(config)
-    sent(send(folder, node.port))
-    running = lambda jobs: any(j.series_uid == t1_uid and j.state.analysing for j in jobs)  # noqa: E731
-    wait_for(node.data_dir, node, running, "the T1 analysis running")
+    t1_uid = study[2]
+    config, node = analysing(tmp_path, study, checkpoint, orthanc, start_node)
     assert node.stop(timeout_s=120) == 0
     [t1] = [job for job in jobs_of(node.data_dir) if job.series_uid == t1_uid]
     assert (t1.state, t1.attempts) == (JobState.QUEUED, 0), t1

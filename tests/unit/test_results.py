@@ -21,7 +21,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RLELossless
 
 from node.config import ResultsSection, load_config
-from node.results import Findings, build_segmentation, build_segmentations, findings_from, series_report, write_report
+from node.results import (
+    Findings,
+    Region,
+    build_segmentation,
+    build_segmentations,
+    findings_from,
+    largest_region,
+    series_report,
+    write_report,
+)
 from node.results.findings import count_components
 from node.volume import SeriesVolume, series_to_volume
 from tests.brains import mni152_t1
@@ -298,11 +307,28 @@ def test_findings_figures() -> None:
         findings_from(mask, score, 0.3, " ", "abc", (1.0, 1.0, 1.0))
 
 
+def test_largest_region_is_the_biggest_component_placed_in_patient_coordinates() -> None:
+    mask = np.zeros((6, 10, 10), bool)  # (k, rows, cols)
+    mask[1:3, 1:3, 1:3] = True  # 8 voxels
+    mask[4, 6:9, 6:9] = True  # 9 voxels: the largest
+    findings = findings_from(mask, mask.astype(np.float32), 0.5, "cDDPM", "abc", (0.5, 0.5, 2.0))
+    grid = sitk.Image(10, 10, 6, sitk.sitkUInt8)
+    grid.SetSpacing((0.5, 0.5, 2.0))
+    grid.SetOrigin((-10.0, 20.0, 30.0))
+    region = largest_region(findings, grid)
+    assert region is not None and region.volume_ml == pytest.approx(9 * 0.5 * 0.5 * 2.0 / 1000)
+    assert region.centre_lps == (-10.0 + 7 * 0.5, 20.0 + 7 * 0.5, 30.0 + 4 * 2.0)
+    assert largest_region(findings_from(mask & False, mask * 0.0, 0.5, "m", "v", (1, 1, 1)), grid) is None
+
+
 def test_report_entries_and_atomic_write(tmp_path: Path) -> None:
     mask = np.zeros((4, 4, 4), bool)
     mask[1, 1, 1] = True
     findings = findings_from(mask, mask.astype(np.float32) * 0.42, 0.25, "cDDPM", "abc123", (1.0, 1.0, 2.0))
-    analysed = series_report("1.2.3", True, "selected: T1", findings, None, None, {"model": 1.23456, "total": 2})
+    region = Region(volume_ml=0.002, centre_lps=(1.0, 2.0, 3.0))
+    analysed = series_report(
+        "1.2.3", True, "selected: T1", findings, None, None, {"model": 1.23456, "total": 2}, region
+    )
     skipped = series_report("1.2.4", False, "localizer", None, None, None, {})
     assert analysed == {
         "series_uid": "1.2.3",
@@ -313,9 +339,11 @@ def test_report_entries_and_atomic_write(tmp_path: Path) -> None:
         "anomaly_volume_ml": 0.002,
         "components": 1,
         "max_score": 0.42,
+        "largest_region": {"volume_ml": 0.002, "centre_lps": [1.0, 2.0, 3.0]},
         "timings_s": {"model": 1.235, "total": 2.0},
     }
     assert skipped["anomaly_volume_ml"] is None and skipped["components"] is None and skipped["model"] is None
+    assert skipped["largest_region"] is None
     path = tmp_path / "out" / "report.json"
     write_report(path, [analysed, skipped])
     write_report(path, [analysed, skipped])  # replaces, leaves no temporary file behind
