@@ -42,7 +42,9 @@ class Exporter:
         self._lock = threading.Lock()
 
     def export_due(self) -> list[JobRecord]:
-        return [job for job in self.store.due_exports() if self.export(job) is not None]
+        """One attempt for every job whose export is due; returns them as they ended."""
+        ended = [self.export(job) for job in self.store.due_exports()]
+        return [job for job in ended if job is not None]
 
     def export(self, job: JobRecord) -> JobRecord | None:
         """One attempt for ``job``; None when another thread is exporting it right now."""
@@ -58,6 +60,9 @@ class Exporter:
         return self.store.get(job.id)
 
     def _export(self, job: JobRecord) -> None:
+        job = self.store.get(job.id)  # an admin may have cancelled it since it was found due
+        if job.state is not JobState.EXPORTING:
+            return
         folder = Path(job.results_dir)
         files = sorted(folder.rglob("*.dcm")) if folder.is_dir() else []
         if not files:  # results lost (a disk replaced, a folder deleted): the last durable step is the images

@@ -197,10 +197,10 @@ class JobStore:
             )
 
     def requeue(self, job_id: int, expected: JobState | tuple[JobState, ...], reason: str, delay_s: float) -> bool:
-        """Back to ``queued``, not before ``delay_s`` from now; the reason stays visible while it waits."""
-        return self.move(
-            job_id, expected, JobState.QUEUED, reason=reason, next_attempt_at=utcnow() + timedelta(seconds=delay_s)
-        )
+        """Back to ``queued``, not before ``delay_s`` from now; the reason stays visible while it waits. Any
+        results folder is forgotten: nothing may send it before a new analysis records its own."""
+        due = utcnow() + timedelta(seconds=delay_s)
+        return self.move(job_id, expected, JobState.QUEUED, reason=reason, next_attempt_at=due, results_dir="")
 
     def cancel_requested(self, job_id: int) -> bool:
         with self.db.session() as session:

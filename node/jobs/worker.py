@@ -74,13 +74,14 @@ class Worker:
             current = state
 
         try:
+            files = self._files(job)  # first: images deleted by retention fail the job, not a transient retry
             model = job.model or self._decide_again(job)
-            analysis = self.analyser.analyse(self._files(job), Path(model), on_stage=enter)
+            analysis = self.analyser.analyse(files, Path(model), on_stage=enter)
             folder = self.results_root / f"job-{job.id}"
-            files = write_results(analysis, folder)
+            written = write_results(analysis, folder)
             report = analysis.report(job.reason)
             if self.store.record_results(job.id, folder, report):
-                _log(job, f"results written: {len(files)} objects in {folder} ({_figures(report)})")
+                _log(job, f"results written: {len(written)} objects in {folder} ({_figures(report)})")
         except _Stop as stop:
             self._end(job, current, stop)
         except AnalysisError as exc:
