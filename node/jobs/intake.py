@@ -24,6 +24,7 @@ from datetime import datetime
 
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from node.db import Instance, Job, Series, Study
 from node.db.database import Database
@@ -84,15 +85,13 @@ class Intake:
         jobs: list[JobRecord] = []
         for item in activity:
             if self._complete(item, study_newest.get(item.study_id, item.newest_at), now):
-                job = self._take(item)
+                jobs.append(self._take(item))
                 self._pending.discard(item.series_id)
-                if job is not None:
-                    jobs.append(job)
         return jobs
 
     # -- completion ------------------------------------------------------------------------------
 
-    def _activity(self, session, series_id: int) -> _Activity | None:  # type: ignore[no-untyped-def]
+    def _activity(self, session: Session, series_id: int) -> _Activity | None:
         """None when the series' newest image is already accounted for by a job."""
         seen = session.scalar(
             select(Job.seen_instance_id).where(Job.series_id == series_id).order_by(Job.version.desc()).limit(1)
@@ -133,7 +132,7 @@ class Intake:
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def _take(self, item: _Activity) -> JobRecord | None:
+    def _take(self, item: _Activity) -> JobRecord:
         """Give a complete series its job (see the module docstring for late images)."""
         snapshot = self._snapshot(item)
         with self.db.session() as session:
