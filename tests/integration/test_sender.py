@@ -269,7 +269,7 @@ def test_partial_earlier_delivery_sends_only_the_rest(
 
 
 def test_destination_down_is_retried_and_delivered_once_it_is_up(
-    db: Database, storescp: Callable[..., StoreScp], tmp_path: Path
+    db: Database, storescp: Callable[..., StoreScp], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = free_port()
     files = mr_files(tmp_path / "out", 8)
@@ -295,7 +295,10 @@ def test_destination_down_is_retried_and_delivered_once_it_is_up(
     assert result.outcome == "delivered", result
     assert result.attempts >= 2  # at least one more failure before the peer was up
     assert time.monotonic() - started < 10
-    assert len(peer.received()) == 8 and uids_of(peer.received()) == uids_of(files)
+    assert uids_of(peer.received()) == uids_of(files)
+    # Exactly once, unless a response was lost (a peer slow to answer on a loaded machine): DICOM then
+    # resends, and the destination sees the same SOP Instance UID twice, as it must be able to.
+    assert len(peer.received()) == 8 or "no C-STORE response" in caplog.text
     rows = sender.ledger.for_source_series("1.2.3.6")
     assert {r.state for r in rows} == {DeliveryState.DELIVERED}
     assert min(r.attempts for r in rows) >= 3  # the send_once above, at least one refused retry, the success
