@@ -40,6 +40,8 @@ class MethodResult:
 
     method: str
     threshold: float
+    validation_dice: float  # mean validation Dice at ``threshold``: choices (checkpoint, noise ensemble) use this,
+    # never the test figures
     dice: float
     auprc: float
     auroc: float
@@ -68,6 +70,7 @@ def evaluate_method(name: str, scorer: Scorer, evaluation: EvaluationSet) -> Met
         [_truth(case) for case in evaluation.validation],
         [eroded_brain_mask(case.brain_mask) for case in evaluation.validation],
     )
+    validation = [_case_result(c, s, threshold) for c, s in zip(evaluation.validation, validation_scores, strict=True)]
     cases = [_case_result(case, score(case), threshold) for case in evaluation.test]
     healthy_fp = [false_positive_ml(segment(score(case), threshold)) for case in evaluation.healthy]
     by_polarity = {
@@ -80,6 +83,7 @@ def evaluate_method(name: str, scorer: Scorer, evaluation: EvaluationSet) -> Met
     return MethodResult(
         method=name,
         threshold=threshold,
+        validation_dice=_mean([c.dice for c in validation]),
         dice=_mean([c.dice for c in cases]),
         auprc=_mean([c.auprc for c in cases]),
         auroc=_mean([c.auroc for c in cases]),
@@ -93,13 +97,14 @@ def evaluate_method(name: str, scorer: Scorer, evaluation: EvaluationSet) -> Met
 def format_table(results: list[MethodResult]) -> str:
     """A markdown table, one row per method: Dice/AUPRC/AUROC as %, FP in mL."""
     header = (
-        "| method | Dice | AUPRC | AUROC | Dice dark | Dice bright | AUPRC dark | AUPRC bright "
+        "| method | val Dice | Dice | AUPRC | AUROC | Dice dark | Dice bright | AUPRC dark | AUPRC bright "
         "| healthy FP mL | threshold | s/volume |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         cells = [
             r.method,
+            _percent(r.validation_dice),
             _percent(r.dice),
             _percent(r.auprc),
             _percent(r.auroc),
