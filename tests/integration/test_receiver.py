@@ -147,8 +147,8 @@ def test_unknown_callers_are_rejected(node: NodeProcess, calling: str, called: s
     assoc = scu(calling).associate("127.0.0.1", node.port, ae_title=called, bind_address=(bind, 0) if bind else None)
     assert assoc.is_rejected
     assert stored_files(node) == []
+    assert rejections_audited(node) == [(calling, bind or "127.0.0.1")]  # waits: written after the rejection
     assert "association rejected" in node.log()
-    assert rejections_audited(node) == [(calling, bind or "127.0.0.1")]
 
 
 @pytest.mark.parametrize(
