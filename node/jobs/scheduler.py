@@ -104,7 +104,7 @@ class JobScheduler:
         def run() -> None:
             for job in worker.run_pending():
                 if job.results_dir and not self.stopping.is_set():
-                    self.exporter.export(self.store.get(job.id))
+                    self.exporter.export(job)  # it reads the job's current row itself
 
         return run
 
