@@ -4,7 +4,14 @@ paper's metrics, trivial baselines, and a harness that runs any scorer through t
 
 from models.evaluation.baselines import AtlasMeanBaseline, Scorer, intensity_baseline
 from models.evaluation.cases import EvaluationCase, EvaluationSet, build_evaluation_set, colin27_model_grid
-from models.evaluation.harness import CaseResult, MethodResult, evaluate_method, format_table, results_json
+from models.evaluation.harness import (
+    CaseResult,
+    MethodResult,
+    case_result,
+    evaluate_method,
+    format_table,
+    results_json,
+)
 from models.evaluation.lesions import LESION_KINDS, SimulatedLesion, simulate_lesion
 from models.evaluation.metrics import auroc, average_precision, best_threshold, dice, false_positive_ml
 
@@ -21,6 +28,7 @@ __all__ = [
     "average_precision",
     "best_threshold",
     "build_evaluation_set",
+    "case_result",
     "colin27_model_grid",
     "dice",
     "evaluate_method",

@@ -70,8 +70,8 @@ def evaluate_method(name: str, scorer: Scorer, evaluation: EvaluationSet) -> Met
         [_truth(case) for case in evaluation.validation],
         [eroded_brain_mask(case.brain_mask) for case in evaluation.validation],
     )
-    validation = [_case_result(c, s, threshold) for c, s in zip(evaluation.validation, validation_scores, strict=True)]
-    cases = [_case_result(case, score(case), threshold) for case in evaluation.test]
+    validation = [case_result(c, s, threshold) for c, s in zip(evaluation.validation, validation_scores, strict=True)]
+    cases = [case_result(case, score(case), threshold) for case in evaluation.test]
     healthy_fp = [false_positive_ml(segment(score(case), threshold)) for case in evaluation.healthy]
     by_polarity = {
         polarity: {
@@ -131,7 +131,8 @@ def _truth(case: EvaluationCase) -> np.ndarray:
     return np.asarray(case.lesion_mask, dtype=bool)
 
 
-def _case_result(case: EvaluationCase, score: np.ndarray, threshold: float) -> CaseResult:
+def case_result(case: EvaluationCase, score: np.ndarray, threshold: float) -> CaseResult:
+    """Dice at ``threshold`` and the threshold-free AUPRC/AUROC of one case's post-processed score map."""
     truth = _truth(case)
     prediction = segment(score, threshold)
     inside = eroded_brain_mask(case.brain_mask)
