@@ -59,8 +59,7 @@ def evaluate_method(name: str, scorer: Scorer, evaluation: EvaluationSet) -> Met
 
     def score(case: EvaluationCase) -> np.ndarray:
         start = time.perf_counter()
-        residual = scorer(case.volume, case.brain_mask)
-        result = anomaly_score(np.asarray(residual, dtype=np.float32), case.brain_mask)
+        result = case_score(scorer, case)
         seconds.append(time.perf_counter() - start)
         return result
 
@@ -129,6 +128,12 @@ def _truth(case: EvaluationCase) -> np.ndarray:
     if case.lesion_mask is None:
         return np.zeros(case.brain_mask.shape, dtype=bool)
     return np.asarray(case.lesion_mask, dtype=bool)
+
+
+def case_score(scorer: Scorer, case: EvaluationCase) -> np.ndarray:
+    """The scorer's residual through the shared post-processing: what every method is judged on."""
+    residual = scorer(case.volume, case.brain_mask)
+    return anomaly_score(np.asarray(residual, dtype=np.float32), case.brain_mask)
 
 
 def case_result(case: EvaluationCase, score: np.ndarray, threshold: float) -> CaseResult:

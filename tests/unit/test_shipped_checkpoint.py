@@ -8,11 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.anomaly_map import anomaly_score, eroded_brain_mask
+from models.anomaly_map import eroded_brain_mask
 from models.checkpoint import load_checkpoint
 from models.data.volumes import offline_volumes
 from models.detector import AnomalyDetector
-from models.evaluation import AtlasMeanBaseline, Scorer, build_evaluation_set, case_result, simulate_lesion
+from models.evaluation import (
+    AtlasMeanBaseline,
+    Scorer,
+    build_evaluation_set,
+    case_result,
+    case_score,
+    simulate_lesion,
+)
 from models.preprocessing import PREPROCESSING_VERSION, Preprocessor
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "default-t1.pt"
@@ -39,7 +46,7 @@ def test_shipped_checkpoint_scores_a_dark_lesion_above_healthy_tissue(colin: tup
 
 @pytest.mark.timeout(300)  # 4 volumes through the model and two brains preprocessed: ~80 s on a busy machine
 def test_shipped_checkpoint_beats_atlas_mean_on_a_fixed_evaluation_set(
-    colin: tuple[np.ndarray, np.ndarray], preprocessor: Preprocessor, colin_cache: Path, one_torch_thread: None
+    colin: tuple[np.ndarray, np.ndarray], preprocessor: Preprocessor, tmp_path: Path, one_torch_thread: None
 ) -> None:
     """The first test cases of `uad-node evaluate`'s default set whose lesions the 2 mm grid can show (the
     < 1.5 mL white-matter ovoids score ~0 for every method), each method at the threshold the model card's
@@ -54,17 +61,14 @@ def test_shipped_checkpoint_beats_atlas_mean_on_a_fixed_evaluation_set(
     ]
     checkpoint = load_checkpoint(SHIPPED)
     recorded = {m["method"].split()[0]: m["threshold"] for m in checkpoint.evaluation["methods"]}
-    atlas_mean = AtlasMeanBaseline([v.volume for v in offline_volumes(preprocessor, colin_cache)])
+    atlas_mean = AtlasMeanBaseline([v.volume for v in offline_volumes(preprocessor, tmp_path)])
     methods: dict[str, tuple[Scorer, float]] = {
         "cDDPM": (AnomalyDetector(checkpoint).residual, checkpoint.threshold),
         "atlas-mean": (atlas_mean, recorded["atlas-mean"]),
     }
     means = {}
     for name, (scorer, threshold) in methods.items():
-        results = [
-            case_result(case, anomaly_score(scorer(case.volume, case.brain_mask), case.brain_mask), threshold)
-            for case in cases
-        ]
+        results = [case_result(case, case_score(scorer, case), threshold) for case in cases]
         means[name] = (np.mean([r.dice for r in results]), np.mean([r.auprc for r in results]))
         print(f"{name}: Dice {means[name][0]:.3f}, AUPRC {means[name][1]:.3f}")
     assert means["cDDPM"][0] > means["atlas-mean"][0]
