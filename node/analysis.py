@@ -1,5 +1,5 @@
 """One selected series through the whole pipeline: DICOM files -> volume -> model grid -> anomaly map ->
-findings on the series' own grid -> SEG and Secondary Capture objects.
+findings on the series' own grid -> SEG, Secondary Capture and SR objects.
 
 ``Analyser`` loads what is expensive once per process (the atlas and its registration target, ~2 s;
 each checkpoint, on first use) and is then reused for every series, by ``uad-node analyze`` and by the
@@ -26,6 +26,7 @@ from node.config import ResultsSection
 from node.results import (
     Findings,
     Region,
+    build_measurement_report,
     build_secondary_captures,
     build_segmentations,
     findings_from,
@@ -52,6 +53,7 @@ class SeriesAnalysis:
     findings: Findings
     segmentations: list[Dataset]  # the BINARY SEG (and the FRACTIONAL score SEG when configured)
     secondary_captures: list[Dataset]  # the summary first, then the overlays, one SC series
+    measurement_report: Dataset | None  # the TID 1500 SR measuring the SEG's segment, when configured
     summary_png: bytes
     largest: Region | None  # the biggest connected finding, placed in patient coordinates
     model: str
@@ -118,6 +120,11 @@ class Analyser:
         findings = findings_from(mask, score, result.threshold, name, detector.version, volume.image.GetSpacing())
         sources = _headers(instances)
         segmentations = build_segmentations(volume, sources, findings, self._results)
+        report = (
+            build_measurement_report(segmentations[0], sources, findings, self._results)
+            if self._results.structured_report
+            else None
+        )
         lap("objects")
         captures, png = build_secondary_captures(volume, sources, findings, timings, self._results)
         timings["objects"] = round(timings["objects"] + time.perf_counter() - clock, 3)
@@ -126,6 +133,7 @@ class Analyser:
             findings=findings,
             segmentations=segmentations,
             secondary_captures=captures,
+            measurement_report=report,
             summary_png=png,
             largest=largest_region(findings, volume.image),
             model=f"{name} {detector.version}",
@@ -168,9 +176,9 @@ class Analyser:
 def write_results(analysis: SeriesAnalysis, folder: Path) -> list[Path]:
     """Write the objects and summary.png under ``folder`` durably; returns the DICOM files.
 
-    Layout: ``seg.dcm`` (``seg-score.dcm``), ``overlays/000-summary.dcm`` then ``overlays/NNN-slice.dcm``,
-    ``summary.png``. Whatever was in ``folder`` before is replaced; every file and folder is fsynced, so
-    a caller may record the results as durable once this returns.
+    Layout: ``seg.dcm`` (``seg-score.dcm``), ``sr.dcm`` (when configured), ``overlays/000-summary.dcm`` then
+    ``overlays/NNN-slice.dcm``, ``summary.png``. Whatever was in ``folder`` before is replaced; every file
+    and folder is fsynced, so a caller may record the results as durable once this returns.
     """
     if folder.exists():
         shutil.rmtree(folder)
@@ -178,6 +186,9 @@ def write_results(analysis: SeriesAnalysis, folder: Path) -> list[Path]:
     files = [folder / ("seg.dcm" if i == 0 else "seg-score.dcm") for i in range(len(analysis.segmentations))]
     for dataset, path in zip(analysis.segmentations, files, strict=True):
         dataset.save_as(path, enforce_file_format=True)
+    if analysis.measurement_report is not None:
+        files.append(folder / "sr.dcm")
+        analysis.measurement_report.save_as(files[-1], enforce_file_format=True)
     for index, capture in enumerate(analysis.secondary_captures):
         path = folder / "overlays" / ("000-summary.dcm" if index == 0 else f"{index:03d}-slice.dcm")
         capture.save_as(path, enforce_file_format=True)

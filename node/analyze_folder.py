@@ -4,6 +4,7 @@ Layout written (what researchers and the tests rely on)::
 
     OUT/report.json                          {"series": [one entry per series found, selected or not]}
     OUT/<SeriesInstanceUID>/seg.dcm          the BINARY anomaly SEG (seg-score.dcm: FRACTIONAL, if configured)
+    OUT/<SeriesInstanceUID>/sr.dcm           the TID 1500 Measurement Report SR: the segment's volume (if configured)
     OUT/<SeriesInstanceUID>/overlays/*.dcm   the Secondary Capture series: 000-summary.dcm, then one per slice
     OUT/<SeriesInstanceUID>/summary.png      the summary image, for a person to look at
 

@@ -181,14 +181,21 @@ class ResultsSection(_Section):
     max_overlay_images: int = Field(12, ge=0, le=1000, description="overlay images per series; 0 = summary only")
     seg_series_number: int = Field(9901, ge=0, le=2**31 - 1)
     overlay_series_number: int = Field(9902, ge=0, le=2**31 - 1, description="overlays and the summary image")
+    structured_report: bool = Field(
+        True, description="also send a TID 1500 Measurement Report SR with the anomaly volume of the SEG"
+    )
+    sr_series_number: int = Field(9903, ge=0, le=2**31 - 1)
     manufacturer: str = Field("uad-node", min_length=1, max_length=64)
     institution_name: str = Field("", max_length=64, description="empty = not written")
     device_serial_number: str = Field("", max_length=64, description="empty = this machine's host name")
 
     @model_validator(mode="after")
     def _distinct_series(self) -> ResultsSection:
-        if self.seg_series_number == self.overlay_series_number:
-            raise ValueError("seg_series_number and overlay_series_number must differ (two series, two numbers)")
+        numbers = (self.seg_series_number, self.overlay_series_number, self.sr_series_number)
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(
+                "seg_series_number, overlay_series_number and sr_series_number must differ (one series, one number)"
+            )
         return self
 
 

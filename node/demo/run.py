@@ -176,8 +176,8 @@ def _show(
     say("")
     say(f"results in the PACS ({pacs.kind}), study {study.study_uid}:")
     say(
-        f"  {_in_pacs(pacs, study, SEG_MODALITY)} SEG and {_in_pacs(pacs, study, 'OT')} Secondary Capture "
-        "images (summary + overlays)"
+        f"  {_in_pacs(pacs, study, SEG_MODALITY)} SEG, {_in_pacs(pacs, study, 'OT')} Secondary Capture "
+        f"images (summary + overlays) and {_in_pacs(pacs, study, 'SR')} measurement SR"
     )
     say(f"model: {report['model']} (threshold {report['threshold']:.3g})")
     say(

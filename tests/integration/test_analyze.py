@@ -78,7 +78,11 @@ def test_analyze_writes_seg_overlays_summary_and_report(study: tuple[Path, str, 
     overlays = sorted((results / "overlays").glob("*.dcm"))
     assert overlays[0].name == "000-summary.dcm"
     assert (results / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
-    for path in (results / "seg.dcm", overlays[0]):
+    sr = hd.sr.srread(results / "sr.dcm")
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert group.get_measurements()[0].value == pytest.approx(analysed["anomaly_volume_ml"], abs=1e-3)
+    for path in (results / "seg.dcm", results / "sr.dcm", overlays[0]):
         validate_with_dciodvfy(path)
 
 
@@ -96,7 +100,8 @@ def test_orthanc_shows_the_results_in_the_source_study(
     """The source series and then its results go to a real Orthanc through the node's sender."""
     folder, t1_uid, _ = study
     results = analysed / t1_uid
-    files = sorted((folder / "t1").glob("*.dcm")) + [results / "seg.dcm", *sorted((results / "overlays").glob("*.dcm"))]
+    results_files = [results / "seg.dcm", results / "sr.dcm", *sorted((results / "overlays").glob("*.dcm"))]
+    files = sorted((folder / "t1").glob("*.dcm")) + results_files
     config = NodeConfig.model_validate({"node": {"ae_title": "UADNODE"}})
     db = open_database(f"sqlite:///{tmp_path / 'node.sqlite'}")
     try:
@@ -109,5 +114,5 @@ def test_orthanc_shows_the_results_in_the_source_study(
     finally:
         db.close()
     modalities = sorted(tags["Modality"] for tags in series)
-    assert modalities == ["MR", "OT", "SEG"]
+    assert modalities == ["MR", "OT", "SEG", "SR"]
     assert t1_uid in {tags["SeriesInstanceUID"] for tags in series}

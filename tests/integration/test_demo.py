@@ -32,7 +32,9 @@ def test_demo_sends_the_sample_study_through_the_node_into_orthanc(tmp_path: Pat
     print(run.stdout)
     assert "local PACS: Orthanc" in run.stdout
     assert "(localizer): skipped" in run.stdout and "(T1): done (delivered to pacs" in run.stdout
-    assert re.search(r"\b1 SEG and [1-9]\d* Secondary Capture images", run.stdout)  # the summary at least
+    assert re.search(
+        r"\b1 SEG, [1-9]\d* Secondary Capture images \(summary \+ overlays\) and 1 measurement SR", run.stdout
+    )
     assert "last image acknowledged -> SEG stored in the PACS" in run.stdout
     assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads((out / "report.json").read_text())

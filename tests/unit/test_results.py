@@ -18,12 +18,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import RLELossless
 
 from node.config import ResultsSection, load_config
 from node.results import (
     Findings,
     Region,
+    build_measurement_report,
     build_segmentation,
     build_segmentations,
     findings_from,
@@ -258,6 +260,62 @@ def test_score_segment_is_a_compressed_fractional_seg_in_the_same_series(
     assert len(build_segmentations(case.volume, case.sources, case.findings, ResultsSection())) == 1
 
 
+# --- SR (TID 1500) ---------------------------------------------------------------------------------------------
+
+
+def sr_volume_ml(sr: hd.sr.Comprehensive3DSR) -> tuple[float, str, str, list[int]]:
+    """The one volume measurement of a read-back report: value, unit, referenced SEG UID and segment numbers."""
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    [measurement] = group.get_measurements(name=codes.SCT.Volume)
+    segment = group.referenced_segment
+    return (
+        measurement.value,
+        measurement.unit.value,
+        segment.referenced_sop_instance_uid,
+        list(segment.referenced_segment_numbers),
+    )
+
+
+@pytest.mark.parametrize("geometry", ["reversed", "enhanced"])
+def test_sr_measures_the_seg_segment_and_reads_back(
+    results_cases: dict[str, Case], geometry: str, tmp_path: Path
+) -> None:
+    case = results_cases[geometry]
+    seg = build_segmentation(case.volume, case.sources, case.findings, ResultsSection())
+    sr = build_measurement_report(seg, case.sources, case.findings, ResultsSection())
+    dciodvfy(sr, tmp_path / "sr.dcm")
+
+    back = hd.sr.srread(tmp_path / "sr.dcm")
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert back.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    volume, unit, seg_uid, segment = sr_volume_ml(back)
+    assert volume == pytest.approx(case.findings.anomaly_volume_ml, abs=1e-3) and volume > 0
+    assert (unit, seg_uid, segment) == ("mL", seg.SOPInstanceUID, [1])
+    assert (back.StudyInstanceUID, back.PatientID) == (case.sources[0].StudyInstanceUID, case.sources[0].PatientID)
+    assert back.SeriesInstanceUID not in {seg.SeriesInstanceUID, case.volume.series_instance_uid}
+    assert back.SeriesNumber == 9903 and "research" in back.SeriesDescription.lower()
+    assert back.CompletionFlag == "COMPLETE" and back.VerificationFlag == "UNVERIFIED"
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in back.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {seg.SOPInstanceUID} | {s.sop_instance_uid for s in case.volume.slice_sources}
+
+
+def test_sr_of_nothing_found_measures_zero(results_cases: dict[str, Case], tmp_path: Path) -> None:
+    """ "Analysed, nothing found" is a measurement too: 0 mL of the (empty) segment."""
+    case = results_cases["axial"]
+    nothing = findings_from(
+        np.zeros_like(case.findings.mask), case.findings.score * 0, 0.2, "m", "v", case.volume.image.GetSpacing()
+    )
+    seg = build_segmentation(case.volume, case.sources, nothing, ResultsSection())
+    sr = build_measurement_report(seg, case.sources, nothing, ResultsSection())
+    dciodvfy(sr, tmp_path / "sr.dcm")
+    assert sr_volume_ml(hd.sr.srread(tmp_path / "sr.dcm"))[:3] == (0.0, "mL", seg.SOPInstanceUID)
+
+
 def test_bare_sources_and_full_datasets_both_work(tmp_path: Path) -> None:
     """Sources as the test writer makes them (no StudyDate, PatientSex, ...) and with pixel data: highdicom
     needs the Type 2 patient/study attributes present, so they are filled in on a copy; the caller's data sets
@@ -358,8 +416,14 @@ def test_results_config_defaults_shipped_file_and_errors(tmp_path: Path) -> None
     shipped = load_config(REPO / "config" / "node.toml").results
     assert shipped == ResultsSection()
     assert (shipped.seg_empty_frames, shipped.seg_score_segment, shipped.max_overlay_images) == ("keep", False, 12)
-    assert (shipped.seg_series_number, shipped.overlay_series_number) == (9901, 9902)
-    for bad in ('seg_empty_frames = "drop"', "max_overlay_images = -1", "overlay_series_number = 9901"):
+    assert (shipped.seg_series_number, shipped.overlay_series_number, shipped.sr_series_number) == (9901, 9902, 9903)
+    assert shipped.structured_report is True
+    for bad in (
+        'seg_empty_frames = "drop"',
+        "max_overlay_images = -1",
+        "overlay_series_number = 9901",
+        "sr_series_number = 9902",
+    ):
         path = tmp_path / "node.toml"
         path.write_text(f"[results]\n{bad}\n")
         with pytest.raises(Exception, match="results"):
