@@ -182,6 +182,11 @@ def results_in_orthanc(orthanc: Orthanc, study_uid: str) -> dict[str, list[str]]
     return found
 
 
+def all_results(in_pacs: dict[str, list[str]]) -> list[str]:
+    """Every result object's SOP Instance UID (SEG, SC and SR), sorted."""
+    return sorted(uid for uids in in_pacs.values() for uid in uids)
+
+
 def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, orthanc: Orthanc, start_node: Callable
 ) -> None:
@@ -200,8 +205,8 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
 
     in_pacs = results_in_orthanc(orthanc, study_uid)
     results = sorted(Path(t1.results_dir).rglob("*.dcm"))
-    assert sorted(in_pacs) == ["OT", "SEG"]  # the source MR went to the node, not to Orthanc
-    assert len(in_pacs["SEG"]) == 1 and len(in_pacs["OT"]) == len(results) - 1
+    assert sorted(in_pacs) == ["OT", "SEG", "SR"]  # the source MR went to the node, not to Orthanc
+    assert len(in_pacs["SEG"]) == len(in_pacs["SR"]) == 1 and len(in_pacs["OT"]) == len(results) - 2
 
     status = node.status()
     states = {job["series_uid"]: (job["state"], job["reason"]) for job in status["jobs"]}
@@ -239,9 +244,7 @@ def test_kill_9_during_the_analysis_then_restart_completes_it_once(
     rows = deliveries(restarted.data_dir, t1_uid)
     assert rows and {(r.state, r.attempts) for r in rows} == {(DeliveryState.DELIVERED, 1)}  # each sent once
     in_pacs = results_in_orthanc(orthanc, study_uid)
-    assert len(in_pacs["SEG"]) == 1 and sorted(in_pacs["SEG"] + in_pacs["OT"]) == sorted(
-        r.sop_instance_uid for r in rows
-    )
+    assert len(in_pacs["SEG"]) == 1 and all_results(in_pacs) == sorted(r.sop_instance_uid for r in rows)
     assert "was preprocessing when the node stopped" in restarted.log() or "was inferring" in restarted.log()
 
 
@@ -266,7 +269,7 @@ def test_pacs_down_during_export_then_back_results_arrive_once(
         assert {r.state for r in rows} == {DeliveryState.DELIVERED} and min(r.attempts for r in rows) >= 2
         in_pacs = results_in_orthanc(orthanc, study_uid)
         results = sorted(Path(t1.results_dir).rglob("*.dcm"))
-        assert len(in_pacs["SEG"]) == 1 and len(in_pacs["SEG"]) + len(in_pacs["OT"]) == len(results) == len(rows)
+        assert len(in_pacs["SEG"]) == 1 and len(all_results(in_pacs)) == len(results) == len(rows)
 
 
 def test_two_studies_sent_at_once_by_two_senders_are_both_analysed(
