@@ -66,18 +66,15 @@ def build_measurement_report(
 
 
 def _anomaly_segment(segmentation: Dataset) -> hd.sr.ReferencedSegment:
-    """Segment 1 of the SEG and the source images the SEG references. (``ReferencedSegment.from_segmentation``
-    looks for the segment in per-frame groups; a one-segment SEG from highdicom holds it in the shared ones.)"""
-    images = [
-        hd.sr.SourceImageForSegmentation(item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID)
-        for series in segmentation.ReferencedSeriesSequence
-        for item in series.ReferencedInstanceSequence
-    ]
+    """Segment 1 of the SEG and the series it was computed from: one reference rather than one per source
+    image (the SEG itself lists those). ``ReferencedSegment.from_segmentation`` would look for the segment in
+    per-frame groups; a one-segment SEG from highdicom holds it in the shared ones."""
+    [series] = segmentation.ReferencedSeriesSequence
     return hd.sr.ReferencedSegment(
         sop_class_uid=segmentation.SOPClassUID,
         sop_instance_uid=segmentation.SOPInstanceUID,
         segment_number=1,
-        source_images=images,
+        source_series=hd.sr.SourceSeriesForSegmentation(series.SeriesInstanceUID),
     )
 
 

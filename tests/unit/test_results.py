@@ -291,6 +291,9 @@ def test_sr_measures_the_seg_segment_and_reads_back(
     volume, unit, seg_uid, segment = sr_volume_ml(back)
     assert volume == pytest.approx(case.findings.anomaly_volume_ml, abs=1e-3) and volume > 0
     assert (unit, seg_uid, segment) == ("mL", seg.SOPInstanceUID, [1])
+    [group] = back.content.get_volumetric_roi_measurement_groups()
+    source = group.referenced_segment.source_series_for_segmentation
+    assert source.value == case.volume.series_instance_uid
     assert (back.StudyInstanceUID, back.PatientID) == (case.sources[0].StudyInstanceUID, case.sources[0].PatientID)
     assert back.SeriesInstanceUID not in {seg.SeriesInstanceUID, case.volume.series_instance_uid}
     assert back.SeriesNumber == 9903 and "research" in back.SeriesDescription.lower()
