@@ -155,8 +155,13 @@ def validate_with_dciodvfy(path: Path) -> list[str]:
 
 
 def running_orthanc(
-    folder: Path, modalities: dict[str, str], ae_title: str = "ORTHANC", dicom_port: int | None = None
+    folder: Path,
+    modalities: dict[str, str],
+    ae_title: str = "ORTHANC",
+    dicom_port: int | None = None,
+    settings: dict[str, object] | None = None,
 ) -> AbstractContextManager[Orthanc]:
     """A real Orthanc PACS (``node.demo.pacs.running_orthanc``), or skip (fail under UAD_REQUIRE_PEERS=1)
     when Orthanc is not installed."""
-    return pacs.running_orthanc(folder, modalities, ae_title, binary=require_tool("Orthanc"), dicom_port=dicom_port)
+    binary = require_tool("Orthanc")
+    return pacs.running_orthanc(folder, modalities, ae_title, binary=binary, dicom_port=dicom_port, settings=settings)

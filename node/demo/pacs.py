@@ -113,13 +113,15 @@ def running_orthanc(
     ae_title: str = "ORTHANC",
     binary: str | None = None,
     dicom_port: int | None = None,
+    settings: dict[str, object] | None = None,
 ) -> Iterator[Orthanc]:
     """A real Orthanc PACS (AE ``ae_title``) storing under ``folder``; always stopped.
 
     It accepts C-STORE and C-ECHO only from ``modalities`` (name -> AE title, each on 127.0.0.1, host
     checked) and only when called ``ae_title``. Its REST API refuses remote clients
     (RemoteAccessAllowed false); Orthanc cannot bind DICOM to loopback only, so the AE title and
-    host checks are what keep other machines out. ``binary`` defaults to :func:`find_orthanc`.
+    host checks are what keep other machines out. ``binary`` defaults to :func:`find_orthanc`;
+    ``settings`` are added to (or replace) its configuration's top-level keys.
     """
     binary = binary or find_orthanc()
     if binary is None:
@@ -145,6 +147,7 @@ def running_orthanc(
         "Plugins": [],
         "SaveJobs": False,
         "StorageCompression": False,
+        **(settings or {}),
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     log_path = folder / "orthanc.log"

@@ -25,12 +25,13 @@ from node.sender import DeliveryState
 from node.sender.deliveries import DeliveryLedger
 from tests import brains
 from tests.dicom_series import AXIAL, SAGITTAL, centred_grid, resample, write_mr_series
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, require_tool, running_orthanc
+from tests.peers import REPO, NodeProcess, Orthanc, free_port, node_config, require_tool, running_orthanc
 from tests.tiny_model import write_fast_checkpoint
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(900)]
 
 WAIT_S = 180.0  # a generous bound for one analysis on a loaded 2-core machine
+ROUTING_SCRIPT = REPO / "deploy" / "orthanc" / "uad-node-routing.lua"
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +72,13 @@ def other_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, st
     return (folder, *write_study(folder, slices=36))
 
 
-def config_for(tmp_path: Path, port: int, checkpoint: Path, pacs_port: int, extra: str = "") -> Path:
+def config_for(
+    tmp_path: Path, port: int, checkpoint: Path, pacs_port: int, extra: str = "", senders: str | None = None
+) -> Path:
     return node_config(
         tmp_path,
         port,
+        senders=senders,
         extra=f"""
 [selection]
 models = {{ T1 = "{checkpoint}" }}
@@ -123,10 +127,10 @@ def _port_of(config: Path) -> str:
     return next(line.split("=")[1].strip() for line in config.read_text().splitlines() if line.startswith("port"))
 
 
-def send(folder: Path, port: int, calling_ae: str = "SCANNER1") -> subprocess.Popen[bytes]:
+def send(folder: Path, port: int, calling_ae: str = "SCANNER1", called_ae: str = "UADNODE") -> subprocess.Popen[bytes]:
     storescu = require_tool("storescu")
     return subprocess.Popen(
-        [storescu, "-aet", calling_ae, "-aec", "UADNODE", "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        [storescu, "-aet", calling_ae, "-aec", called_ae, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -340,3 +344,31 @@ def test_status_retry_and_cancel_from_the_command_line(
     assert len(results_in_orthanc(orthanc, study_uid)["SEG"]) == 2
     assert cli(config, "retry", "12345").returncode == 2
     assert {job.series_uid for job in jobs} == {t1_uid, localizer_uid}
+
+
+def test_orthanc_routes_stable_mr_series_to_the_node_and_keeps_the_results(
+    tmp_path: Path, study: tuple[Path, str, str, str], checkpoint: Path, start_node: Callable
+) -> None:
+    """deploy/orthanc as shipped: a scanner stores a study in Orthanc; the Lua script sends each stable MR
+    series to the node; the node's SEG, SC and SR come back into the study and are not sent on again."""
+    folder, study_uid, t1_uid, localizer_uid = study
+    node_port, pacs_port, stable_age_s = free_port(), free_port(), 1
+    settings = {
+        "DicomModalities": {"uadnode": ["UADNODE", "127.0.0.1", node_port], "scanner": ["SCANNER1", "127.0.0.1", 104]},
+        "StableAge": stable_age_s,
+        "LuaScripts": [str(ROUTING_SCRIPT)],
+    }
+    senders = '[ { ae_title = "ORTHANC", host = "127.0.0.1" } ]'
+    with running_orthanc(tmp_path / "orthanc", {}, dicom_port=pacs_port, settings=settings) as orthanc:
+        node = start_node(config_for(tmp_path, node_port, checkpoint, pacs_port, senders=senders))
+        sent(send(folder, pacs_port, called_ae="ORTHANC"))  # the scanner stores in the PACS only
+        jobs = wait_for(node.data_dir, node, finished(2), "both series routed by Orthanc and decided, the T1 done")
+        states = {job.series_uid: job.state for job in jobs}
+        assert states == {t1_uid: JobState.DONE, localizer_uid: JobState.SKIPPED}, jobs
+        assert sorted(results_in_orthanc(orthanc, study_uid)) == ["MR", "OT", "SEG", "SR"]
+
+        time.sleep(stable_age_s + 4)  # the result series become stable too: the script must leave them alone
+        stores = [job for job in orthanc.get("/jobs?expand") if job["Type"] == "DicomModalityStore"]  # type: ignore
+        assert len(stores) == 2 and {job["State"] for job in stores} == {"Success"}, stores
+        assert {job["Content"]["RemoteAet"] for job in stores} == {"UADNODE"}
+        assert len(jobs_of(node.data_dir)) == 2
