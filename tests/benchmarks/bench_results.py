@@ -1,9 +1,9 @@
 """Results benchmark: seconds to build the SEG, the overlays and the summary of a clinical-size series, and the
-SEG size in MB for each empty-frame policy and with the score segment.
+SEG size in MB for each empty-frame policy and with the score segment, and the measurement SR.
 
 The series: MNI152 resampled to 256x256x150 at 0.9x0.9x1.2 mm, axial, written as one MR file per slice
 (fake patient) and read back the way the node reads it; the findings are a synthetic score blob (about
-30 mm across) with its mask at the threshold. Sending: the SEG (empty frames kept) and the SC series
+30 mm across) with its mask at the threshold. Sending: the SEG (empty frames kept), the SR and the SC series
 (summary + overlays) go to dcmtk ``storescp`` on loopback over one association through the node's
 sender, when dcmtk is installed.
 
@@ -37,6 +37,7 @@ from node.config import Destination, NodeConfig, ResultsSection  # noqa: E402
 from node.db import open_database  # noqa: E402
 from node.results import (  # noqa: E402
     Findings,
+    build_measurement_report,
     build_overlays,
     build_segmentations,
     build_summary,
@@ -111,9 +112,14 @@ def main() -> None:
             lambda: build_summary(volume, sources, findings, {"total": 40.0}, options), args.repeat
         )
         rows.append(f"{'summary (SC + PNG)':<36} {seconds:6.2f} s   {size_mb(summary, folder / 'summary.dcm'):.2f} MB")
-        files = [folder / "seg0.dcm", folder / "summary.dcm", *(folder / f"sc{i}.dcm" for i in range(len(overlays)))]
+        seg = pydicom.dcmread(folder / "seg0.dcm")
+        seconds, sr = timed(lambda: build_measurement_report(seg, sources, findings, options), args.repeat)
+        rows.append(f"{'measurement SR (TID 1500)':<36} {seconds:6.2f} s   {size_mb(sr, folder / 'sr.dcm'):.3f} MB")  # type: ignore[arg-type]
+        files = [folder / "seg0.dcm", folder / "sr.dcm", folder / "summary.dcm"]
+        files += [folder / f"sc{i}.dcm" for i in range(len(overlays))]
         if shutil.which("storescp"):
-            rows.append(f"{f'send SEG + {len(files) - 1} SC to storescp':<36} {send_seconds(files, folder):6.2f} s")
+            label = f"send SEG + SR + {len(files) - 2} SC to storescp"
+            rows.append(f"{label:<36} {send_seconds(files, folder):6.2f} s")
         print("\n".join(rows))
 
 
