@@ -24,6 +24,7 @@ from node.volume import SeriesVolume
 SEG_SERIES_DESCRIPTION = "UAD anomaly SEG (research use only)"
 CONTENT_LABEL = "UAD_ANOMALY"  # CS: upper case, digits, space, underscore; at most 16 characters
 CONTENT_DESCRIPTION = "Anomaly mask - research use only, not for diagnosis"  # LO: at most 64 characters
+ANOMALY_LABEL = "Anomaly"  # the segment's label; the measurement SR tracks the finding under the same name
 
 # Segmented property: what the segment is. The model flags anything unlike the healthy brains it learned,
 # not a particular disease, so it claims no more than a structural abnormality: SCT 49755003
@@ -70,7 +71,7 @@ def build_segmentations(
 def _binary(
     series: SeriesVolume, sources: Sequence[Dataset], findings: Findings, options: ResultsSection, series_uid: str
 ) -> Dataset:
-    description = _segment(1, "Anomaly", findings, ANOMALY_COLOUR)
+    description = _segment(1, ANOMALY_LABEL, findings, ANOMALY_COLOUR)
     description.SegmentDescription = f"Score >= {findings.threshold:.4g}; research use only"[:64]
     return _segmentation(
         series,

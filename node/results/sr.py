@@ -3,9 +3,9 @@ one measurement group measures the SEG's anomaly segment.
 
 PACS, reporting systems and worklists read SR measurements without rendering anything: the volume lands in
 a report field or a query result, where the SEG and the Secondary Captures are only pictures. The group
-references the segment by the SEG's SOP Instance UID and segment number (which in turn references the
-source images), names the algorithm, and carries the volume in mL; an empty mask is measured as 0 mL, so
-"analysed, nothing found" is explicit too.
+references the segment by the SEG's SOP Instance UID and segment number and the series it was computed
+from, names the algorithm, and carries the volume in mL; an empty mask is measured as 0 mL, so "analysed,
+nothing found" is explicit too.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from pydicom.uid import generate_uid
 
 from node.config import ResultsSection
 from node.results.findings import Findings
-from node.results.seg import ALGORITHM_FAMILY, CATEGORY, PROPERTY_TYPE
+from node.results.seg import ALGORITHM_FAMILY, ANOMALY_LABEL, CATEGORY, PROPERTY_TYPE
 from node.results.sources import Equipment, equipment, header_only, new_uid
 
 SR_SERIES_DESCRIPTION = "UAD anomaly measurements (research use only)"
-TRACKING_LABEL = "Anomaly"  # the segment label of the SEG, so the two read as one finding
 PROCEDURE = codes.LN.BrainMRI  # LN 24590-2 "Brain MRI"
 MILLILITRE = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 VOLUME = codes.SCT.Volume  # SCT 118565006
@@ -36,7 +35,7 @@ def build_measurement_report(
     and study as ``segmentation`` (the BINARY anomaly SEG built from ``sources`` and ``findings``)."""
     made_by = equipment(options)
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=TRACKING_LABEL),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(), identifier=ANOMALY_LABEL),  # as the SEG segment
         referenced_segment=_anomaly_segment(segmentation),
         finding_category=CATEGORY,
         finding_type=PROPERTY_TYPE,
