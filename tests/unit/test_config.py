@@ -252,3 +252,16 @@ def test_allowed_sender_host_rejects_garbage(tmp_path: Path, host: str) -> None:
         load_config(_sender_config(tmp_path, host))
     assert len(info.value.errors) == 1
     assert info.value.errors[0].startswith("node.allowed_senders[0].host: ")
+
+
+def test_orthanc_routing_example_halves_agree() -> None:
+    """deploy/orthanc: the node half loads, and Orthanc's entry for the node names the node's AE title and
+    port while the node accepts Orthanc and sends back to the AE title Orthanc answers to."""
+    node = load_config(REPO / "deploy" / "orthanc" / "node.toml")
+    text = (REPO / "deploy" / "orthanc" / "orthanc.json").read_text()
+    orthanc = json.loads("\n".join(line for line in text.splitlines() if not line.strip().startswith("//")))
+    ae_title, _, port = orthanc["DicomModalities"]["uadnode"]
+    assert (ae_title, port) == (node.node.ae_title, node.node.port)
+    assert [s.ae_title for s in node.node.allowed_senders] == [orthanc["DicomAet"]]
+    assert [d.ae_title for d in node.destinations] == [orthanc["DicomAet"]]
+    assert orthanc["LuaScripts"][0].endswith("/uad-node-routing.lua")
