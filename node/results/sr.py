@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from node.config import ResultsSection
 from node.results.findings import Findings
 from node.results.seg import ALGORITHM_FAMILY, ANOMALY_LABEL, CATEGORY, PROPERTY_TYPE
-from node.results.sources import Equipment, equipment, header_only, new_uid
+from node.results.sources import Equipment, equipment, new_uid
 
 SR_SERIES_DESCRIPTION = "UAD anomaly measurements (research use only)"
 PROCEDURE = codes.LN.BrainMRI  # LN 24590-2 "Brain MRI"
@@ -50,7 +50,7 @@ def build_measurement_report(
         imaging_measurements=[group],
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[segmentation, *(header_only(ds) for ds in sources)],
+        evidence=[segmentation, *sources],  # only their UIDs are read
         content=report,
         series_instance_uid=new_uid(),
         series_number=options.sr_series_number,
