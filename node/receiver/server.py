@@ -9,7 +9,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, StoragePresentationContexts
@@ -19,6 +18,7 @@ from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import NodeConfig, TlsSection
 from node.db.database import Database
 from node.receiver.association import NodeServer, SenderGate, request_handler_for
+from node.receiver.codecs import decodable_transfer_syntaxes, missing_decoders
 from node.receiver.handlers import ReceiverHandlers
 from node.receiver.storage import InstanceStore
 
@@ -26,14 +26,17 @@ log = logging.getLogger(__name__)
 
 
 def presentation_contexts(config: NodeConfig) -> list[PresentationContext]:
-    """Verification plus storage contexts, each accepting every transfer syntax pydicom knows,
-    so compressed images are stored exactly as sent. With ``other_sop_classes = "reject"``
-    only the stored classes are negotiated, so a sender learns before it sends."""
+    """Verification plus storage contexts, each accepting every transfer syntax this installation can
+    decode, so compressed images are stored exactly as sent and an acknowledged image never fails at
+    analysis for want of a decoder (the sender converts or sends uncompressed instead). With
+    ``other_sop_classes = "reject"`` only the stored classes are negotiated, so a sender learns before it sends."""
     stored = list(config.storage.stored_sop_classes)
     if config.storage.other_sop_classes == "ignore":
         known = [str(cx.abstract_syntax) for cx in StoragePresentationContexts]
         stored += [uid for uid in known if uid not in stored]
-    syntaxes = [str(uid) for uid in AllTransferSyntaxes]
+    if missing := missing_decoders():
+        log.info("not accepted, no decoder plugin installed: %s", ", ".join(missing))
+    syntaxes = decodable_transfer_syntaxes()
     return [build_context(Verification, syntaxes)] + [build_context(uid, syntaxes) for uid in stored]
 
 
