@@ -61,6 +61,11 @@ class Checkpoint:
     def content_hash(self) -> str:
         return _content_hash(self._metadata(), self.ema_weights)
 
+    @property
+    def contrast(self) -> str:
+        """The contrast the model was trained on (t1, t2, flair): what it can judge. T1 when unrecorded."""
+        return str(self.training.get("data", {}).get("contrast", "t1"))
+
     def _metadata(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),

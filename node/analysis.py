@@ -4,7 +4,9 @@ findings on the series' own grid -> SEG, Secondary Capture and SR objects.
 ``Analyser`` loads what is expensive once per process (the atlas and its registration target, ~2 s;
 each checkpoint, on first use) and is then reused for every series, by ``uad-node analyze`` and by the
 node's job workers alike. Every failure the input can cause is an ``AnalysisError`` whose message is
-the one-line reason recorded for the series.
+the one-line reason recorded for the series; that includes the quality gate (``models.quality``), which
+refuses an input the model cannot judge before inference and an implausible answer after it. The gate's
+measures travel with the analysis or with the error, so they are recorded either way.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from node.config import ResultsSection
+from node.config import QualitySection, ResultsSection
 from node.results import (
     Findings,
     Region,
     build_measurement_report,
+    build_not_screened_notice,
     build_secondary_captures,
     build_segmentations,
     findings_from,
@@ -39,10 +42,16 @@ from node.volume.assemble import Instance
 if TYPE_CHECKING:  # imported lazily at run time: torch and nilearn take seconds to import
     from models.detector import AnomalyDetector
     from models.preprocessing import Preprocessor
+    from models.quality.gate import QualityGate, QualityReport
 
 
 class AnalysisError(Exception):
-    """The series cannot be analysed; the message says why in one line."""
+    """The series cannot be analysed; the message says why in one line. ``quality``: the gate's measures,
+    when the series got that far."""
+
+    def __init__(self, reason: str, quality: dict | None = None) -> None:
+        super().__init__(reason)
+        self.quality = quality
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,21 +67,32 @@ class SeriesAnalysis:
     largest: Region | None  # the biggest connected finding, placed in patient coordinates
     model: str
     threshold: float
-    timings_s: dict[str, float]  # volume, preprocessing, inference, objects
+    timings_s: dict[str, float]  # volume, preprocessing, quality, inference, objects
+    quality: dict  # the quality gate's measures (``QualityReport.as_dict``)
 
     def report(self, reason: str) -> dict:
         """The series' report.json entry (``reason``: why it was selected)."""
         return series_report(
-            self.series_uid, True, reason, self.findings, self.model, self.threshold, self.timings_s, self.largest
+            self.series_uid,
+            True,
+            reason,
+            self.findings,
+            self.model,
+            self.threshold,
+            self.timings_s,
+            self.largest,
+            quality=self.quality,
         )
 
 
 class Analyser:
     """The pipeline with its expensive parts loaded once (see the module docstring)."""
 
-    def __init__(self, results: ResultsSection) -> None:
+    def __init__(self, results: ResultsSection, quality: QualitySection | None = None) -> None:
         self._results = results
+        self._quality = quality or QualitySection()
         self._preprocessor: Preprocessor | None = None
+        self._gate: QualityGate | None = None
         self._detectors: dict[Path, AnomalyDetector] = {}
         self._loading = threading.Lock()  # several job workers share one Analyser
 
@@ -101,15 +121,21 @@ class Analyser:
         except VolumeRejected as exc:
             raise AnalysisError(str(exc)) from exc
         lap("volume")
+        preprocessor, gate = self._prepare()
         try:
-            prepared = self._prepare()(volume.image)
+            prepared = preprocessor(volume.image)
         except PreprocessingError as exc:
             raise AnalysisError(f"preprocessing failed: {exc}") from exc
         lap("preprocessing")
+        quality = gate.measure(prepared, detector.checkpoint.contrast)
+        self._refuse(quality.problems(self._quality.thresholds()), quality)
+        lap("quality")
         on_stage("inferring")
         clock = time.perf_counter()
         result = detector.analyse(prepared.volume, prepared.brain_mask)
+        quality = quality.with_answer(result.mask, prepared.brain_mask)
         lap("inference")
+        self._refuse([p for p in [quality.answer_problem(self._quality.thresholds())] if p], quality)
         on_stage("exporting")
         clock = time.perf_counter()
         # The mask goes back as a partial-volume fraction and is cut at one half: smoother outlines on a
@@ -139,21 +165,37 @@ class Analyser:
             model=f"{name} {detector.version}",
             threshold=result.threshold,
             timings_s=timings,
+            quality=quality.as_dict(),
         )
+
+    def not_screened_notice(self, instances: Sequence[Instance], reason: str) -> tuple[Dataset, bytes] | None:
+        """The NOT SCREENED Secondary Capture for a selected series that could not be analysed (and its PNG), or
+        None when ``results.not_screened_notice`` is off. Needs only the headers: the pixels may be unreadable."""
+        if not self._results.not_screened_notice:
+            return None
+        return build_not_screened_notice(_headers(instances), reason, self._results)
 
     def load(self, checkpoint: Path) -> None:
         """Load the atlas and the model in ``checkpoint`` now rather than on first use; AnalysisError if unusable."""
         self._prepare()
         self._detector(checkpoint)
 
-    def _prepare(self) -> Preprocessor:
+    def _refuse(self, problems: list[str], quality: QualityReport) -> None:
+        """Raise the gate's refusal (the measures go with it), unless the gate is off or had nothing to say."""
+        if problems and self._quality.enabled:
+            raise AnalysisError("quality gate: " + "; ".join(problems), quality=quality.as_dict())
+
+    def _prepare(self) -> tuple[Preprocessor, QualityGate]:
         from models.atlas import load_mni152_atlas
         from models.preprocessing import Preprocessor
+        from models.quality.gate import QualityGate
 
         with self._loading:
-            if self._preprocessor is None:
-                self._preprocessor = Preprocessor(load_mni152_atlas())
-            return self._preprocessor
+            if self._preprocessor is None or self._gate is None:
+                atlas = load_mni152_atlas()
+                self._preprocessor = Preprocessor(atlas)
+                self._gate = QualityGate(atlas, self._preprocessor.geometry)
+            return self._preprocessor, self._gate
 
     def _detector(self, checkpoint: Path) -> AnomalyDetector:
         from models.checkpoint import CheckpointError
@@ -180,21 +222,33 @@ def write_results(analysis: SeriesAnalysis, folder: Path) -> list[Path]:
     ``overlays/NNN-slice.dcm``, ``summary.png``. Whatever was in ``folder`` before is replaced; every file
     and folder is fsynced, so a caller may record the results as durable once this returns.
     """
+    objects = {("seg.dcm" if i == 0 else "seg-score.dcm"): ds for i, ds in enumerate(analysis.segmentations)}
+    if analysis.measurement_report is not None:
+        objects["sr.dcm"] = analysis.measurement_report
+    for index, capture in enumerate(analysis.secondary_captures):
+        objects[f"overlays/{'000-summary' if index == 0 else f'{index:03d}-slice'}.dcm"] = capture
+    return _write_durably(folder, objects, "summary.png", analysis.summary_png)
+
+
+def write_notice(notice: tuple[Dataset, bytes], folder: Path) -> list[Path]:
+    """Write a NOT SCREENED notice (``notice.dcm``, ``notice.png``) as ``write_results`` writes results."""
+    return _write_durably(folder, {"notice.dcm": notice[0]}, "notice.png", notice[1])
+
+
+def _write_durably(folder: Path, objects: dict[str, Dataset], png_name: str, png: bytes) -> list[Path]:
+    """``objects`` (relative path -> data set) and one PNG in a fresh ``folder``, every file and folder fsynced."""
     if folder.exists():
         shutil.rmtree(folder)
-    (folder / "overlays").mkdir(parents=True)
-    files = [folder / ("seg.dcm" if i == 0 else "seg-score.dcm") for i in range(len(analysis.segmentations))]
-    for dataset, path in zip(analysis.segmentations, files, strict=True):
+    folder.mkdir(parents=True)
+    files = []
+    for name, dataset in objects.items():
+        path = folder / name
+        path.parent.mkdir(exist_ok=True)
         dataset.save_as(path, enforce_file_format=True)
-    if analysis.measurement_report is not None:
-        files.append(folder / "sr.dcm")
-        analysis.measurement_report.save_as(files[-1], enforce_file_format=True)
-    for index, capture in enumerate(analysis.secondary_captures):
-        path = folder / "overlays" / ("000-summary.dcm" if index == 0 else f"{index:03d}-slice.dcm")
-        capture.save_as(path, enforce_file_format=True)
         files.append(path)
-    (folder / "summary.png").write_bytes(analysis.summary_png)
-    for path in [*files, folder / "summary.png", folder / "overlays", folder, folder.parent]:
+    (folder / png_name).write_bytes(png)
+    folders = sorted({path.parent for path in files} - {folder})
+    for path in [*files, folder / png_name, *folders, folder, folder.parent]:
         _fsync(path)
     return files
 

@@ -7,10 +7,13 @@ Layout written (what researchers and the tests rely on)::
     OUT/<SeriesInstanceUID>/sr.dcm           the TID 1500 Measurement Report SR: the segment's volume (if configured)
     OUT/<SeriesInstanceUID>/overlays/*.dcm   the Secondary Capture series: 000-summary.dcm, then one per slice
     OUT/<SeriesInstanceUID>/summary.png      the summary image, for a person to look at
+    OUT/<SeriesInstanceUID>/notice.dcm       instead of all the above, for a selected series that could not be
+    OUT/<SeriesInstanceUID>/notice.png       analysed: the NOT SCREENED Secondary Capture (if configured)
 
 The series selection of the config applies. A series that was selected but could not be analysed
-(a broken volume, failed registration) gets ``"selected": true`` with the reason and no objects; the
-run goes on with the other series.
+(a broken volume, unreadable pixels, failed registration, refused by the quality gate) gets
+``"selected": true, "analysed": false`` with the reason, the gate's measures when it got that far, and no
+findings; the run goes on with the other series.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from node.analysis import Analyser, AnalysisError, write_results
+from node.analysis import Analyser, AnalysisError, write_notice, write_results
 from node.config import NodeConfig
 from node.results import series_report, write_report
 from node.selection import select_series
@@ -43,7 +46,7 @@ def analyze_folder(
     """Analyse every series in ``folder`` (recursively) and write the layout above; returns the report entries."""
     headers = _read_dicom_headers(folder)
     paths = {id(ds): path for path, ds in headers.items()}
-    analyser = Analyser(config.results)
+    analyser = Analyser(config.results, config.quality)
     entries: list[dict[str, object]] = []
     for series in group_by_series(headers.values()):
         decision = select_series(series, config.selection)
@@ -55,8 +58,10 @@ def analyze_folder(
         try:
             analysis = analyser.analyse(files, decision.model)
         except AnalysisError as exc:
-            progress(f"series {series.series_uid}: not analysed ({exc})")
-            entries.append(series_report(series.series_uid, True, str(exc), None, None, None, {}))
+            progress(f"series {series.series_uid}: NOT SCREENED ({exc})")
+            if (notice := analyser.not_screened_notice(files, str(exc))) is not None:
+                write_notice(notice, out / series.series_uid)
+            entries.append(series_report(series.series_uid, True, str(exc), None, None, None, {}, quality=exc.quality))
             continue
         write_results(analysis, out / series.series_uid)
         found = analysis.findings

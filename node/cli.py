@@ -227,8 +227,12 @@ def _analyze(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"cannot analyze: {exc}", file=sys.stderr)
         return 2
-    analysed = sum(1 for entry in entries if entry.get("model"))
+    analysed = sum(1 for entry in entries if entry["analysed"])
     print(f"{args.out / 'report.json'}: {len(entries)} series, {analysed} analysed")
+    for entry in entries:
+        if not entry["analysed"]:
+            verdict = "NOT SCREENED" if entry["selected"] else "skipped"
+            print(f"  {entry['series_uid']}: {verdict}: {entry['reason']}")
     return 0
 
 

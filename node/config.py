@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.quality import QualityThresholds
 from node.jobs.config import CompletionSection, JobsSection, RetentionSection
 from node.selection import SelectionSection
 from node.uids import check_uids
@@ -185,18 +186,65 @@ class ResultsSection(_Section):
         True, description="also send a TID 1500 Measurement Report SR with the anomaly volume of the SEG"
     )
     sr_series_number: int = Field(9903, ge=0, le=2**31 - 1)
+    not_screened_notice: bool = Field(
+        True, description="send a NOT SCREENED Secondary Capture when a selected series cannot be analysed"
+    )
+    notice_series_number: int = Field(9904, ge=0, le=2**31 - 1, description="the NOT SCREENED notice")
     manufacturer: str = Field("uad-node", min_length=1, max_length=64)
     institution_name: str = Field("", max_length=64, description="empty = not written")
     device_serial_number: str = Field("", max_length=64, description="empty = this machine's host name")
 
     @model_validator(mode="after")
     def _distinct_series(self) -> ResultsSection:
-        numbers = (self.seg_series_number, self.overlay_series_number, self.sr_series_number)
+        numbers = (
+            self.seg_series_number,
+            self.overlay_series_number,
+            self.sr_series_number,
+            self.notice_series_number,
+        )
         if len(set(numbers)) != len(numbers):
             raise ValueError(
-                "seg_series_number, overlay_series_number and sr_series_number must differ (one series, one number)"
+                "seg_series_number, overlay_series_number, sr_series_number and notice_series_number must differ "
+                "(one series, one number)"
             )
         return self
+
+
+_QUALITY = QualityThresholds()
+
+
+class QualitySection(_Section):
+    """The quality gate between preprocessing and the model (``models.quality``): a series whose measures fall
+    outside these values is not screened (a NOT SCREENED notice says why) instead of getting a confident,
+    wrong answer. The defaults are set on the QC corpus of real heads and failure cases; see the README."""
+
+    enabled: bool = Field(True, description="false = every series reaches the model (the values are still recorded)")
+    min_registration_similarity: float = Field(
+        _QUALITY.min_registration_similarity, ge=-1, le=1, description="correlation with the atlas anatomy"
+    )
+    min_mask_agreement: float = Field(
+        _QUALITY.min_mask_agreement, ge=0, le=1, description="Dice of the brain mask with the registered atlas brain"
+    )
+    min_brain_volume_ml: float = Field(_QUALITY.min_brain_volume_ml, ge=0)
+    max_brain_volume_ml: float = Field(_QUALITY.max_brain_volume_ml, gt=0)
+    min_coverage: float = Field(
+        _QUALITY.min_coverage, ge=0, le=1, description="fraction of the screened brain inside the field of view"
+    )
+    min_contrast_margin: float = Field(
+        _QUALITY.min_contrast_margin, ge=-1, le=1, description="tissue order of the model's contrast, normalised units"
+    )
+    max_anomaly_fraction: float = Field(
+        _QUALITY.max_anomaly_fraction, gt=0, le=1, description="above it the answer is a failed analysis, not a finding"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_volumes(self) -> QualitySection:
+        if self.min_brain_volume_ml >= self.max_brain_volume_ml:
+            raise ValueError("min_brain_volume_ml must be below max_brain_volume_ml")
+        return self
+
+    def thresholds(self) -> QualityThresholds:
+        return QualityThresholds(**self.model_dump(exclude={"enabled"}))
 
 
 class LoggingSection(_Section):
@@ -215,6 +263,7 @@ class NodeConfig(_Section):
     tls: TlsSection = Field(default_factory=TlsSection)
     destinations: list[Destination] = Field(default_factory=list)
     results: ResultsSection = Field(default_factory=ResultsSection)
+    quality: QualitySection = Field(default_factory=QualitySection)
     completion: CompletionSection = Field(default_factory=CompletionSection)
     jobs: JobsSection = Field(default_factory=JobsSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)

@@ -26,6 +26,8 @@ class SeriesStatus:
     description: str
     last_received_at: str
     images_deleted_at: str = ""
+    analysed: bool | None = None  # of its newest job: None until one has an answer (or for a skipped series)
+    quality: dict | None = None  # the quality gate's measures of its newest job, when it got that far
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ def collect_status(db: Database) -> list[StudyStatus]:
             .outerjoin(counts, counts.c.series_id == Series.id)
             .order_by(Study.id, Series.id)
         )
+        newest = {job.series_uid: job.report for job in JobStore(db).all()}  # oldest first: the newest version wins
         studies: dict[str, list[SeriesStatus]] = {}
         for study_uid, series, count, last in rows:
+            report = newest.get(series.series_uid, {})
             studies.setdefault(study_uid, []).append(
                 SeriesStatus(
                     series_uid=series.series_uid,
@@ -64,6 +68,8 @@ def collect_status(db: Database) -> list[StudyStatus]:
                     description=series.description,
                     last_received_at=_utc_iso(last),
                     images_deleted_at=_utc_iso(series.images_deleted_at),
+                    analysed=report.get("analysed"),
+                    quality=report.get("quality"),
                 )
             )
     return [StudyStatus(study_uid=uid, series=series) for uid, series in studies.items()]
@@ -87,6 +93,8 @@ class JobStatus:
     analysis_seconds: dict[str, float]  # volume, preprocessing, inference, objects (inside the analysis)
     findings: dict[str, float | int | None]  # anomaly_volume_ml, components, max_score, threshold
     results_dir: str
+    analysed: bool | None  # None until the analysis ended; False: not screened (``reason`` says why)
+    quality: dict | None  # the quality gate's measures, when the series reached it
 
 
 def collect_jobs(db: Database) -> list[JobStatus]:
@@ -114,6 +122,8 @@ def collect_jobs(db: Database) -> list[JobStatus]:
                 if report
                 else {},
                 results_dir=job.results_dir,
+                analysed=report.get("analysed"),
+                quality=report.get("quality"),
             )
         )
     return jobs
@@ -167,7 +177,7 @@ def status_text(status: NodeStatus) -> str:
         lines.append(f"  {job.id:>5}  v{job.version}  {job.state:<13} series {job.series_uid}{late}")
         if job.reason:
             lines.append(f"         {job.reason}")
-        if job.findings:
+        if job.analysed:
             f = job.findings
             lines.append(f"         found {f['anomaly_volume_ml']:.1f} mL in {f['components']} region(s)")
         if stages:

@@ -19,10 +19,12 @@ TINY = ModelConfig(
 )
 
 
-def write_fast_checkpoint(path: Path, threshold: float = 0.3) -> Path:
+def write_fast_checkpoint(path: Path, threshold: float = 0.44) -> Path:
     """A shippable checkpoint (threshold set) of a narrow untrained model on the real 96 px model grid:
     the node's whole pipeline runs with it in about a second of inference, so job and end-to-end tests
-    exercise every stage without the shipped model's cost. Its findings mean nothing."""
+    exercise every stage without the shipped model's cost. Its findings mean nothing; its scores on real
+    heads sit near 0.45, and the default threshold finds a few per cent of the brain (Colin27 3.8 %, the
+    ITK head 1.1 % at 0.45; 34 % and 22 % at 0.3), below the quality gate's implausible-answer limit."""
     import dataclasses
 
     import torch

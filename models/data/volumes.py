@@ -31,9 +31,9 @@ from models.preprocessing import (
     ModelGeometry,
     PreprocessingError,
     Preprocessor,
+    atlas_to_model_grid,
     to_model_grid,
 )
-from models.preprocessing.grid import resample
 
 # Bump when the tissue maps or the cache layout change (the preprocessing has its own version).
 CACHE_VERSION = "2"
@@ -187,9 +187,9 @@ def atlas_priors(geometry: ModelGeometry) -> np.ndarray:
 
     Used only to tell which intensity cluster is which tissue, whatever the contrast.
     """
-    grey = _atlas_to_model_grid(brains.mni152_grey_matter(), geometry)
-    white = _atlas_to_model_grid(brains.mni152_white_matter(), geometry)
-    brain = _atlas_to_model_grid(brains.mni152_brain_mask(), geometry)
+    grey = atlas_to_model_grid(brains.mni152_grey_matter(), geometry)
+    white = atlas_to_model_grid(brains.mni152_white_matter(), geometry)
+    brain = atlas_to_model_grid(brains.mni152_brain_mask(), geometry)
     return np.stack([np.clip(brain - grey - white, 0.0, 1.0), grey, white]).astype(np.float32)
 
 
@@ -227,14 +227,6 @@ def _tissue_from_maps(grey: np.ndarray, white: np.ndarray, brain_mask: np.ndarra
     tissue /= tissue.sum(axis=0, keepdims=True).clip(min=1e-6)
     tissue[:, ~brain_mask] = 0.0
     return tissue.astype(np.float32)
-
-
-def _atlas_to_model_grid(image: sitk.Image, geometry: ModelGeometry) -> np.ndarray:
-    """An atlas-space image as the preprocessing brings volumes there: 1 mm crop box, then block means."""
-    crop = sitk.GetArrayFromImage(resample(sitk.Cast(image, sitk.sitkFloat32), geometry.crop))
-    nz, ny, nx = geometry.model.shape
-    fz, fy, fx = (c // m for c, m in zip(geometry.crop.shape, geometry.model.shape, strict=True))
-    return crop.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
 
 
 # --- cache -----------------------------------------------------------------------------------------------

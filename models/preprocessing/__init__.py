@@ -12,6 +12,7 @@ from models.preprocessing.pipeline import (
     PREPROCESSING_VERSION,
     Preprocessed,
     Preprocessor,
+    atlas_to_model_grid,
     to_input_grid,
     to_model_grid,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "Preprocessed",
     "PreprocessingError",
     "Preprocessor",
+    "atlas_to_model_grid",
     "to_input_grid",
     "to_model_grid",
 ]

@@ -41,7 +41,8 @@ class Preprocessed:
     """
 
     volume: np.ndarray  # float32 in [0, 1], 0 outside the brain mask
-    brain_mask: np.ndarray  # bool
+    brain_mask: np.ndarray  # bool; only where the input's field of view covers the model voxel
+    covered: np.ndarray  # bool: model voxels wholly inside the input's field of view
     input_brain_mask: sitk.Image  # uint8 on the input's own grid (the 1 mm mask, nearest neighbour)
     input_grid: Grid
     geometry: ModelGeometry
@@ -80,12 +81,14 @@ class Preprocessor:
         mask = refine_brain_mask(working, carried)
         input_brain_mask = resample(mask, input_grid, interpolation="nearest", pixel_type=sitk.sitkUInt8)
         lap("brain_mask")
-        brain = _to_model_grid_linear(mask, self.geometry, atlas_to_input) >= 0.5
+        covered = _field_of_view(input_grid, self.geometry, atlas_to_input)
+        brain = (_to_model_grid_linear(mask, self.geometry, atlas_to_input) >= 0.5) & covered
         volume = normalise(_to_model_grid_linear(working, self.geometry, atlas_to_input), brain)
         lap("model_grid")
         return Preprocessed(
             volume=volume,
             brain_mask=brain,
+            covered=covered,
             input_brain_mask=input_brain_mask,
             input_grid=input_grid,
             geometry=self.geometry,
@@ -122,11 +125,30 @@ def to_model_grid(image: sitk.Image, preprocessed: Preprocessed, interpolation: 
     return sitk.GetArrayFromImage(model)
 
 
+def atlas_to_model_grid(image: sitk.Image, geometry: ModelGeometry) -> np.ndarray:
+    """An image in atlas space (a template, a tissue map) on the model grid, as volumes get there."""
+    return _to_model_grid_linear(image, geometry, sitk.Transform())
+
+
 def _to_model_grid_linear(image: sitk.Image, geometry: ModelGeometry, atlas_to_input: sitk.Transform) -> np.ndarray:
     crop = sitk.GetArrayFromImage(resample(sitk.Cast(image, sitk.sitkFloat32), geometry.crop, atlas_to_input))
     nz, ny, nx = geometry.model.shape
     fz, fy, fx = (c // m for c, m in zip(geometry.crop.shape, geometry.model.shape, strict=True))
     return crop.reshape(nz, fz, ny, fy, nx, fx).mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _field_of_view(input_grid: Grid, geometry: ModelGeometry, atlas_to_input: sitk.Transform) -> np.ndarray:
+    """Model voxels whose every 1 mm sample lies inside the input's field of view.
+
+    A partial slab or a tight field of view leaves part of the model grid without data (0 after
+    resampling); those voxels leave the brain mask, so they are neither normalised nor scored, instead
+    of reading as dark "anomalies". An input that covers the model grid is unchanged by this.
+    """
+    ones = sitk.Image(list(input_grid.size), sitk.sitkFloat32) + 1.0
+    ones.SetSpacing(input_grid.spacing)
+    ones.SetOrigin(input_grid.origin)
+    ones.SetDirection(input_grid.direction)
+    return _to_model_grid_linear(ones, geometry, atlas_to_input) > 0.999
 
 
 def _check_input(image: sitk.Image) -> Grid:

@@ -5,6 +5,9 @@ destination already has, so a restart or a retry never duplicates an object). Th
 destination has everything; it waits and tries again while a destination is down or busy; it fails with
 the destination's answer when one rejects the results for good or attempts run out (``uad-node retry``
 sends again, including what was rejected).
+
+A series that was not screened exports its NOT SCREENED notice the same way; once it is delivered the job ends
+``failed`` with the reason the series was not screened (it is still a failed analysis, and counts as one).
 """
 
 from __future__ import annotations
@@ -72,8 +75,15 @@ class Exporter:
                 )
             return
         destinations = self.config.destinations
+        # A series that was not screened has a NOT SCREENED notice for results and ends failed, with its reason.
+        screened = job.report.get("analysed", True)
+        end, why, what = (
+            (JobState.DONE, "", "results")
+            if screened
+            else (JobState.FAILED, f"not screened: {job.report['reason']}; ", "NOT SCREENED notice")
+        )
         if not destinations:
-            self._finish(job, JobState.DONE, f"no destinations configured; results kept in {folder}")
+            self._finish(job, end, f"{why}no destinations configured; {what} kept in {folder}")
             return
         results = [
             self.sender.send_once(d, files, job.series_uid, resend_failed_permanent=job.resend_failed)
@@ -90,7 +100,7 @@ class Exporter:
             self._finish(job, JobState.FAILED, "; ".join(_line(r) for r in failed))
         else:
             sent = ", ".join(f"{r.destination} ({r.delivered} objects)" for r in results)
-            self._finish(job, JobState.DONE, f"delivered to {sent}")
+            self._finish(job, end, f"{why}{'' if screened else what + ' '}delivered to {sent}")
 
     def _finish(self, job: JobRecord, state: JobState, reason: str) -> None:
         if self.store.move(job.id, JobState.EXPORTING, state, reason=reason, resend_failed=False):

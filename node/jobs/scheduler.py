@@ -40,7 +40,7 @@ class JobScheduler:
         self.stopping = threading.Event()
         self.intake = Intake(db, config.completion, config.selection, self.store)
         self.exporter = Exporter(config, db, self.store)
-        self.analyser = analyser or Analyser(config.results)
+        self.analyser = analyser or Analyser(config.results, config.quality)
         self.workers = [
             Worker(db, self.store, self.analyser, config.node.data_dir, config.jobs, config.selection, self.stopping)
             for _ in range(config.jobs.workers)

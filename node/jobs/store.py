@@ -227,8 +227,9 @@ class JobStore:
             )
 
     def recover(self, max_attempts: int) -> list[tuple[JobRecord, JobState]]:
-        """After a restart: analyses that were running go back to the queue (or fail once they have
-        been interrupted ``max_attempts`` times, e.g. a series that kills the process); exports resume."""
+        """After a restart: analyses that were running go back to the queue; exports resume. A job interrupted
+        ``max_attempts`` times (e.g. a series that kills the process) is queued too, but only for the worker to
+        end it as not screened (``Worker.run`` checks the attempts before analysing)."""
         changed: list[tuple[JobRecord, JobState]] = []
         with self.db.session() as session:
             rows = session.scalars(
@@ -238,9 +239,9 @@ class JobStore:
         for job in interrupted:
             if job.cancel_requested:
                 state, values = JobState.CANCELLED, {"reason": "cancelled by an admin (while the node was stopped)"}
-            elif job.attempts >= max_attempts:
+            elif job.attempts >= max_attempts:  # the worker sends its NOT SCREENED notice instead of analysing
                 reason = f"analysis interrupted {job.attempts} times (the node stopped or crashed during it)"
-                state, values = JobState.FAILED, {"reason": reason}
+                state, values = JobState.QUEUED, {"reason": f"{reason}; not analysing again"}
             else:
                 state, values = JobState.QUEUED, {"reason": "interrupted by a restart; analysing again"}
             if self.move(job.id, job.state, state, **values):
@@ -257,7 +258,8 @@ class JobStore:
         """Run a job again, from its last durable step.
 
         failed or cancelled: with results on disk, export them again (including to a destination that
-        rejected them permanently, which is why an admin retries); without, analyse again.
+        rejected them permanently, which is why an admin retries); without, or when the series was not
+        screened (its results are a NOT SCREENED notice), analyse again.
         done or skipped: a new version of the job, decided again under the current config (a new model,
         changed selection rules) and analysed again with new result UIDs.
         """
@@ -267,10 +269,10 @@ class JobStore:
                 raise JobError(f"no job {job_id}")
             state = JobState(row.state)
             if state in (JobState.FAILED, JobState.CANCELLED):
-                if row.results_dir:
+                if row.results_dir and json.loads(row.report or "{}").get("analysed", True):
                     row.state, row.exporting_at, row.resend_failed = str(JobState.EXPORTING), utcnow(), True
                 else:
-                    row.state, row.attempts = str(JobState.QUEUED), 0
+                    row.state, row.attempts, row.results_dir = str(JobState.QUEUED), 0, ""
                 row.reason, row.finished_at, row.next_attempt_at, row.cancel_requested = "", None, None, False
                 session.flush()
                 return JobRecord.of(row)

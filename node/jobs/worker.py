@@ -4,25 +4,31 @@ The results of job N are written to ``data_dir/results/job-N/`` and fsynced befo
 from then on the job only needs exporting, which survives any restart. Until then nothing durable exists,
 so an interrupted analysis simply runs again.
 
-Failures: an ``AnalysisError`` (the series cannot be analysed: broken volume, failed registration, a
-missing or corrupt model) fails the job with its reason at once; anything else (disk full, out of
-memory) is retried with a doubling delay up to ``analysis_attempts`` tries.
+Failures: an ``AnalysisError`` (the series cannot be analysed: broken volume, unreadable pixels, failed
+registration, refused by the quality gate, a missing or corrupt model) ends the analysis at once with its
+reason; anything else (disk full, out of memory) is retried with a doubling delay up to ``analysis_attempts``
+tries, and a job already interrupted that often (the node crashed during it) is not tried again. Either way
+the series was selected and not screened: its NOT SCREENED notice is written like results and the job goes
+to ``exporting``, so the notice reaches PACS through the same export (retries, exactly once) and the job
+ends ``failed`` with the reason once it is delivered (see ``node.jobs.export``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
 
 from sqlalchemy import select
 
-from node.analysis import Analyser, AnalysisError, write_results
+from node.analysis import Analyser, AnalysisError, write_notice, write_results
 from node.db import Instance, Job
 from node.db.database import Database
 from node.jobs.config import JobsSection
 from node.jobs.states import JobState
 from node.jobs.store import JobRecord, JobStore
+from node.results import series_report
 from node.selection import SelectionSection, decide_stored_series
 
 log = logging.getLogger(__name__)
@@ -73,8 +79,12 @@ class Worker:
                 raise _Stop(JobState.CANCELLED, "cancelled by an admin")
             current = state
 
+        files: list[Path] = []
         try:
             files = self._files(job)  # first: images deleted by retention fail the job, not a transient retry
+            if job.attempts > self.jobs.analysis_attempts:  # requeued by start-up recovery (see JobStore.recover)
+                interrupted = job.attempts - 1
+                raise AnalysisError(f"analysis interrupted {interrupted} times (the node stopped or crashed during it)")
             model = job.model or self._decide_again(job)
             analysis = self.analyser.analyse(files, Path(model), on_stage=enter)
             folder = self.results_root / f"job-{job.id}"
@@ -85,16 +95,38 @@ class Worker:
         except _Stop as stop:
             self._end(job, current, stop)
         except AnalysisError as exc:
-            self._end(job, current, _Stop(JobState.FAILED, str(exc)))
+            self._not_screened(job, current, str(exc), files, exc.quality)
         except Exception as exc:  # transient by assumption: disk full, out of memory, a peer file vanished
             log.exception("job %d (series %s): analysis failed", job.id, job.series_uid)
             reason = f"{type(exc).__name__}: {exc}"
             if job.attempts >= self.jobs.analysis_attempts:
-                self._end(job, current, _Stop(JobState.FAILED, f"{reason} (after {job.attempts} attempts)"))
+                self._not_screened(job, current, f"{reason} (after {job.attempts} attempts)", files, None)
             else:
                 delay = self.jobs.analysis_retry_delay_s * 2 ** (job.attempts - 1)
                 self.store.requeue(job.id, current, f"{reason}; retrying in {delay:.0f} s", delay)
         return self.store.get(job.id)
+
+    def _not_screened(
+        self, job: JobRecord, current: JobState, reason: str, files: list[Path], quality: dict | None
+    ) -> None:
+        """The selected series will not be screened: send its NOT SCREENED notice, or fail the job at once when
+        there is no notice to send (turned off, no images left to name the study, or it cannot be written)."""
+        folder = self.results_root / f"job-{job.id}"
+        try:
+            notice = self.analyser.not_screened_notice(files, reason) if files else None
+            if notice is not None:
+                write_notice(notice, folder)
+        except Exception as exc:  # unreadable headers, a full disk: the failure itself is still recorded
+            log.exception("job %d (series %s): no NOT SCREENED notice", job.id, job.series_uid)
+            notice, reason = None, f"{reason} (no NOT SCREENED notice: {type(exc).__name__}: {exc})"
+        report = series_report(job.series_uid, True, reason, None, job.model or None, None, {}, quality=quality)
+        values = {"report": json.dumps(report, allow_nan=False)}
+        if notice is None:
+            self._end(job, current, _Stop(JobState.FAILED, reason), **values)
+        elif self.store.move(
+            job.id, current, JobState.EXPORTING, reason=f"not screened: {reason}", results_dir=str(folder), **values
+        ):
+            _log(job, f"not screened: {reason}; sending a NOT SCREENED notice")
 
     def _check(self, job: JobRecord) -> None:
         """Between stages: has the node been asked to stop, the job to cancel, or a newer version come?"""
@@ -105,8 +137,8 @@ class Worker:
         if (newer := self.store.newer_version(job)) is not None:
             raise _Stop(JobState.SKIPPED, f"superseded by job {newer}: more images arrived after this one started")
 
-    def _end(self, job: JobRecord, current: JobState, stop: _Stop) -> None:
-        values: dict[str, object] = {"reason": stop.reason}
+    def _end(self, job: JobRecord, current: JobState, stop: _Stop, **values: object) -> None:
+        values["reason"] = stop.reason
         if not stop.count_attempt:
             values["attempts"] = Job.attempts - 1
         if self.store.move(job.id, current, stop.state, **values):

@@ -123,7 +123,7 @@ def overlay_picture(
 
 def secondary_capture(
     picture: Image.Image,
-    series: SeriesVolume,
+    series: SeriesVolume | None,
     source: Dataset,
     references: Sequence[SliceSource],
     options: ResultsSection,
@@ -132,13 +132,20 @@ def secondary_capture(
     instance_number: int,
     pixel_spacing_mm: float | None,
     derivation: str,
+    series_number: int | None = None,
+    series_description: str = SC_SERIES_DESCRIPTION,
+    comments: str = RESEARCH_NOTICE,
 ) -> Dataset:
     """An RGB Secondary Capture of ``picture`` in the source's study, referencing ``references``.
 
-    ``pixel_spacing_mm`` is the size of one (square) pixel, or None for a composite whose panels differ.
+    ``series`` gives the orientation letters of a picture drawn from it; None for one that shows no anatomy
+    (PatientOrientation is then empty). ``pixel_spacing_mm`` is the size of one (square) pixel, or None for
+    a composite whose panels differ (or a picture of text). The series number is the overlay series' unless
+    given; ``comments`` (ImageComments, LT) should say research use only.
     """
     made_by = equipment(options)
-    orientation = patient_orientation(series)
+    # highdicom wants letters for a PATIENT image; a picture of no anatomy gets placeholders, emptied below
+    orientation = patient_orientation(series) if series is not None else ("L", "P")
     pixels = np.asarray(picture.convert("RGB"), dtype=np.uint8)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
@@ -146,27 +153,28 @@ def secondary_capture(
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=series_instance_uid,
-        series_number=options.overlay_series_number,
+        series_number=options.overlay_series_number if series_number is None else series_number,
         sop_instance_uid=new_uid(),
         instance_number=instance_number,
         manufacturer=made_by.manufacturer,
         pixel_spacing=(pixel_spacing_mm, pixel_spacing_mm) if pixel_spacing_mm else None,
         # highdicom accepts single letters only; the refined letters are set below
         patient_orientation=(orientation[0][0], orientation[1][0]),
-        series_description=SC_SERIES_DESCRIPTION,
+        series_description=series_description[:64],
         manufacturer_model_name=made_by.model_name,
         software_versions=made_by.software_versions,
         device_serial_number=made_by.device_serial_number,
         institution_name=made_by.institution_name,
         **study_attributes(source),  # type: ignore[arg-type]
     )
-    sc.PatientOrientation = list(orientation)
+    # Type 2C: empty when the picture is not of the patient (a notice), the refined letters otherwise
+    sc.PatientOrientation = list(orientation) if series is not None else ""
     sc.ConversionType = "WSD"  # made on a workstation (highdicom writes DI, "digital interface")
     # A brain is no paired body part: with BodyPartExamined the General Series module needs no Laterality
     sc.BodyPartExamined = str(source.get("BodyPartExamined", "") or "BRAIN")
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"  # research notice and slice figures; no patient data is burned in
-    sc.ImageComments = RESEARCH_NOTICE
+    sc.ImageComments = comments[:10240]
     sc.DerivationDescription = derivation[:1024]
     sc.LossyImageCompression = "00"
     if "SpecificCharacterSet" in source:

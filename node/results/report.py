@@ -21,12 +21,17 @@ def series_report(
     threshold: float | None,
     timings_s: dict[str, float],
     largest: Region | None = None,
+    *,
+    quality: dict | None = None,
 ) -> dict:
-    """One entry of report.json. Figures are null for a series that was not analysed (``findings`` None);
-    ``model`` and ``threshold`` default to the findings' own when those are given."""
+    """One entry of report.json. ``analysed`` is whether the model's findings are in it; figures are null for a
+    series that was not analysed (``findings`` None), and ``reason`` then says why. ``quality``: the quality
+    gate's measures, when the series reached it (also when it refused the series). ``model`` and
+    ``threshold`` default to the findings' own when those are given."""
     return {
         "series_uid": series_uid,
         "selected": bool(selected),
+        "analysed": findings is not None,
         "reason": reason,
         "model": model if model is not None else (_model(findings) if findings is not None else None),
         "threshold": _number(threshold if threshold is not None else (findings.threshold if findings else None)),
@@ -37,6 +42,7 @@ def series_report(
         if largest is not None
         else None,
         "timings_s": {name: round(float(seconds), 3) for name, seconds in timings_s.items()},
+        "quality": quality,
     }
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import ConfigError, load_config
+from models.quality import QualityThresholds
+from node.config import ConfigError, QualitySection, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "node.toml"
@@ -265,3 +266,20 @@ def test_orthanc_routing_example_halves_agree() -> None:
     assert [s.ae_title for s in node.node.allowed_senders] == [orthanc["DicomAet"]]
     assert [d.ae_title for d in node.destinations] == [orthanc["DicomAet"]]
     assert orthanc["LuaScripts"][0].endswith("/uad-node-routing.lua")
+
+
+def test_quality_section_defaults_shipped_file_and_errors(tmp_path: Path) -> None:
+    shipped = load_config(REPO / "config" / "node.toml").quality
+    assert shipped == QualitySection() and shipped.enabled is True
+    assert shipped.thresholds() == QualityThresholds()  # the documented defaults are the gate's own
+    for bad, key in (
+        ("min_coverage = 1.5", "quality.min_coverage"),
+        ("max_anomaly_fraction = 0", "quality.max_anomaly_fraction"),
+        ("min_brain_volume_ml = 3000", "quality: min_brain_volume_ml must be below max_brain_volume_ml"),
+        ("min_similarity = 0.5", "quality.min_similarity"),  # a typo is an error, not a silent default
+    ):
+        path = tmp_path / "node.toml"
+        path.write_text(f"[quality]\n{bad}\n")
+        with pytest.raises(ConfigError) as info:
+            load_config(path)
+        assert any(error.startswith(key) for error in info.value.errors), info.value.errors

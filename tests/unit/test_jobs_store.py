@@ -124,7 +124,7 @@ def test_move_from_a_state_the_job_is_not_in_changes_nothing(jobs: JobStore) -> 
 # -- recover -----------------------------------------------------------------------------------------------
 
 
-def test_recover_requeues_interrupted_analyses_fails_repeat_offenders_and_resumes_exports(jobs: JobStore) -> None:
+def test_recover_requeues_interrupted_analyses_marks_repeat_offenders_and_resumes_exports(jobs: JobStore) -> None:
     preprocessing = add_job(jobs, JobState.PREPROCESSING, attempts=1)
     inferring = add_job(jobs, JobState.INFERRING, attempts=2)
     worn_out = add_job(jobs, JobState.INFERRING, attempts=3)
@@ -137,16 +137,16 @@ def test_recover_requeues_interrupted_analyses_fails_repeat_offenders_and_resume
     assert {(job.id, state) for job, state in changed} == {
         (preprocessing.id, JobState.QUEUED),
         (inferring.id, JobState.QUEUED),
-        (worn_out.id, JobState.FAILED),
+        (worn_out.id, JobState.QUEUED),  # only for the worker to end it as not screened, without analysing
         (cancelled.id, JobState.CANCELLED),
     }
     for job in (preprocessing, inferring):
         back = jobs.get(job.id)
         assert back.state is JobState.QUEUED and "restart" in back.reason
         assert back.attempts == job.attempts and back.finished_at is None
-    failed = jobs.get(worn_out.id)
-    assert failed.state is JobState.FAILED and "interrupted 3 times" in failed.reason
-    assert failed.finished_at is not None
+    marked = jobs.get(worn_out.id)
+    assert marked.state is JobState.QUEUED and marked.attempts == 3
+    assert marked.reason.endswith("interrupted 3 times (the node stopped or crashed during it); not analysing again")
     stopped = jobs.get(cancelled.id)
     assert stopped.state is JobState.CANCELLED and "cancelled by an admin" in stopped.reason
     for job in (exporting, queued, done):

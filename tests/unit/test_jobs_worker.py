@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -176,10 +177,15 @@ def test_a_queued_job_is_analysed_to_durable_results_and_waits_for_export(analys
     report = job.report
     assert report["series_uid"] == job.series_uid and report["selected"] is True
     assert "fast-test" in report["model"]
-    assert set(report["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
+    assert set(report["timings_s"]) == {"volume", "preprocessing", "quality", "inference", "objects"}
     assert all(seconds >= 0 for seconds in report["timings_s"].values())
+    assert report["analysed"] is True
     assert report["components"] >= 0 and report["anomaly_volume_ml"] >= 0 and report["max_score"] > 0
-    assert report["threshold"] == pytest.approx(0.3)
+    assert report["threshold"] == pytest.approx(0.44)
+    quality = report["quality"]  # the gate's values are recorded for a series it let through too
+    assert quality["contrast"] == "t1" and quality["looks_like"] == "t1"
+    assert quality["registration_similarity"] > 0.5 and quality["coverage"] > 0.8
+    assert 0 <= quality["anomaly_fraction"] < 0.2
 
     assert job.preprocessing_at < job.inferring_at < job.exporting_at  # type: ignore[operator]
     stages = job.stage_seconds()
@@ -246,7 +252,7 @@ def test_a_stopping_node_returns_the_job_to_the_queue_without_counting_the_attem
     assert again is not None and (again.id, again.attempts) == (job.id, 1)
 
 
-def test_an_analysis_error_fails_the_job_at_once_with_its_reason(
+def test_an_analysis_error_ends_the_analysis_at_once_and_sends_a_not_screened_notice(
     store: InstanceStore, db: Database, data_dir: Path, analyser: Analyser, tmp_path: Path, series: list[Dataset]
 ) -> None:
     missing = tmp_path / "models" / "gone.pt"
@@ -257,11 +263,62 @@ def test_an_analysis_error_fails_the_job_at_once_with_its_reason(
 
     [ended] = worker.run_pending()
     assert ended.id == job.id
+    assert (ended.state, ended.attempts) == (JobState.EXPORTING, 1)  # the notice goes out like results
+    assert ended.reason == f"not screened: {missing}: no such checkpoint file"
+    assert ended.report["analysed"] is False and ended.report["reason"] == f"{missing}: no such checkpoint file"
+    folder = data_dir / "results" / f"job-{job.id}"
+    assert ended.results_dir == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["notice.dcm", "notice.png"]  # never a SEG
+    notice = pydicom.dcmread(folder / "notice.dcm")
+    assert notice.SOPClassUID == SC_STORAGE and notice.SeriesDescription.startswith("NOT SCREENED")
+    assert notice.StudyInstanceUID == job.study_uid
+    assert worker.run_pending() == []  # not retried: the same input fails the same way
+
+    done = Exporter(export_config(data_dir), db, JobStore(db)).export(ended)
+    assert done is not None and done.state is JobState.FAILED  # delivered or not, the series was not screened
+    assert done.reason == (
+        f"not screened: {missing}: no such checkpoint file; no destinations configured; "
+        f"NOT SCREENED notice kept in {folder}"
+    )
+
+    retried = JobStore(db).retry(job.id)  # a not-screened series is analysed again, not its notice resent
+    assert (retried.state, retried.results_dir, retried.attempts) == (JobState.QUEUED, "", 0)
+
+
+def test_with_the_notice_turned_off_an_analysis_error_fails_the_job_at_once(
+    store: InstanceStore, db: Database, data_dir: Path, checkpoint: Path, tmp_path: Path, series: list[Dataset]
+) -> None:
+    missing = tmp_path / "models" / "gone.pt"
+    selection = t1_selection(missing)
+    _, job = queue(store, series, selection)
+    analyser = Analyser(ResultsSection(not_screened_notice=False))
+    worker = make_worker(db, analyser, data_dir, selection, analysis_attempts=3, analysis_retry_delay_s=0)
+
+    [ended] = worker.run_pending()
     assert (ended.state, ended.attempts) == (JobState.FAILED, 1)
     assert ended.reason == f"{missing}: no such checkpoint file"
+    assert ended.report["analysed"] is False and ended.report["quality"] is None
     assert ended.finished_at is not None and ended.results_dir == ""
-    assert worker.run_pending() == []  # not retried: the same input fails the same way
     assert results_of(data_dir) == []
+
+
+def test_a_series_the_quality_gate_refuses_is_not_screened_with_the_measures_recorded(
+    store: InstanceStore, db: Database, data_dir: Path, checkpoint: Path, series: list[Dataset]
+) -> None:
+    """Rows flipped against the orientation tags: the model never sees the series, the job keeps the values."""
+    flipped = [deepcopy(ds) for ds in series]
+    for ds in flipped:
+        ds.PixelData = ds.pixel_array[::-1].tobytes()
+    _, job = queue(store, flipped, t1_selection(checkpoint))
+    analyser = Analyser(ResultsSection())
+    worker = make_worker(db, analyser, data_dir, t1_selection(checkpoint), analysis_retry_delay_s=0)
+
+    [ended] = worker.run_pending()
+    assert ended.state is JobState.EXPORTING and ended.inferring_at is None  # refused before inference
+    assert ended.reason.startswith("not screened: quality gate: registration to the atlas failed")
+    quality = ended.report["quality"]
+    assert quality["registration_similarity"] < 0.5 and quality["anomaly_fraction"] is None
+    assert sorted(p.name for p in Path(ended.results_dir).iterdir()) == ["notice.dcm", "notice.png"]
 
 
 def test_a_transient_error_is_retried_after_a_delay_then_fails_after_the_last_attempt(
@@ -287,7 +344,8 @@ def test_a_transient_error_is_retried_after_a_delay_then_fails_after_the_last_at
     assert second is not None and (second.id, second.attempts) == (job.id, 2)
     ended = worker.run(second)
     assert (ended.state, ended.attempts) == (JobState.FAILED, 2)
-    assert str(blocker) in ended.reason and ended.reason.endswith("(after 2 attempts)")
+    # The notice cannot be written where the results cannot: the job fails with both reasons.
+    assert str(blocker) in ended.reason and "(after 2 attempts) (no NOT SCREENED notice: " in ended.reason
     assert ended.results_dir == "" and blocker.is_file()
 
 
@@ -324,7 +382,7 @@ def test_a_retried_job_is_decided_again_with_the_current_model(
     [ended] = worker.run_pending()
     assert ended.id == retried.id
     assert ended.model == str(replaced)  # decided under the current config, and recorded
-    assert (ended.state, ended.reason) == (JobState.FAILED, f"{replaced}: no such checkpoint file")
+    assert (ended.state, ended.reason) == (JobState.EXPORTING, f"not screened: {replaced}: no such checkpoint file")
 
 
 def test_a_retried_job_whose_images_were_deleted_fails_at_once(

@@ -387,13 +387,16 @@ def test_report_entries_and_atomic_write(tmp_path: Path) -> None:
     mask[1, 1, 1] = True
     findings = findings_from(mask, mask.astype(np.float32) * 0.42, 0.25, "cDDPM", "abc123", (1.0, 1.0, 2.0))
     region = Region(volume_ml=0.002, centre_lps=(1.0, 2.0, 3.0))
+    quality = {"registration_similarity": 0.65, "coverage": 1.0}
     analysed = series_report(
-        "1.2.3", True, "selected: T1", findings, None, None, {"model": 1.23456, "total": 2}, region
+        "1.2.3", True, "selected: T1", findings, None, None, {"model": 1.23456, "total": 2}, region, quality=quality
     )
     skipped = series_report("1.2.4", False, "localizer", None, None, None, {})
+    refused = series_report("1.2.5", True, "quality gate: ...", None, None, None, {}, quality=quality)
     assert analysed == {
         "series_uid": "1.2.3",
         "selected": True,
+        "analysed": True,
         "reason": "selected: T1",
         "model": "cDDPM abc123",
         "threshold": 0.25,
@@ -402,9 +405,11 @@ def test_report_entries_and_atomic_write(tmp_path: Path) -> None:
         "max_score": 0.42,
         "largest_region": {"volume_ml": 0.002, "centre_lps": [1.0, 2.0, 3.0]},
         "timings_s": {"model": 1.235, "total": 2.0},
+        "quality": quality,
     }
     assert skipped["anomaly_volume_ml"] is None and skipped["components"] is None and skipped["model"] is None
-    assert skipped["largest_region"] is None
+    assert skipped["largest_region"] is None and skipped["analysed"] is False and skipped["quality"] is None
+    assert (refused["selected"], refused["analysed"], refused["quality"]) == (True, False, quality)
     path = tmp_path / "out" / "report.json"
     write_report(path, [analysed, skipped])
     write_report(path, [analysed, skipped])  # replaces, leaves no temporary file behind
