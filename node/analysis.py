@@ -40,6 +40,7 @@ from node.volume import VolumeRejected, series_to_volume
 from node.volume.assemble import Instance
 
 if TYPE_CHECKING:  # imported lazily at run time: torch and nilearn take seconds to import
+    from models.atlas import Atlas
     from models.detector import AnomalyDetector
     from models.preprocessing import Preprocessor
     from models.quality.gate import QualityGate, QualityReport
@@ -91,7 +92,8 @@ class Analyser:
     def __init__(self, results: ResultsSection, quality: QualitySection | None = None) -> None:
         self._results = results
         self._quality = quality or QualitySection()
-        self._preprocessor: Preprocessor | None = None
+        self._atlas: Atlas | None = None
+        self._preprocessors: dict[str, Preprocessor] = {}  # by the model's contrast (its registration template)
         self._gate: QualityGate | None = None
         self._detectors: dict[Path, AnomalyDetector] = {}
         self._loading = threading.Lock()  # several job workers share one Analyser
@@ -121,13 +123,14 @@ class Analyser:
         except VolumeRejected as exc:
             raise AnalysisError(str(exc)) from exc
         lap("volume")
-        preprocessor, gate = self._prepare()
+        contrast = detector.checkpoint.contrast
+        preprocessor, gate = self._prepare(contrast)
         try:
             prepared = preprocessor(volume.image)
         except PreprocessingError as exc:
             raise AnalysisError(f"preprocessing failed: {exc}") from exc
         lap("preprocessing")
-        quality = gate.measure(prepared, detector.checkpoint.contrast)
+        quality = gate.measure(prepared, contrast)
         self._refuse(quality.problems(self._quality.thresholds()), quality)
         lap("quality")
         on_stage("inferring")
@@ -177,25 +180,26 @@ class Analyser:
 
     def load(self, checkpoint: Path) -> None:
         """Load the atlas and the model in ``checkpoint`` now rather than on first use; AnalysisError if unusable."""
-        self._prepare()
-        self._detector(checkpoint)
+        self._prepare(self._detector(checkpoint).checkpoint.contrast)
 
     def _refuse(self, problems: list[str], quality: QualityReport) -> None:
         """Raise the gate's refusal (the measures go with it), unless the gate is off or had nothing to say."""
         if problems and self._quality.enabled:
             raise AnalysisError("quality gate: " + "; ".join(problems), quality=quality.as_dict())
 
-    def _prepare(self) -> tuple[Preprocessor, QualityGate]:
+    def _prepare(self, contrast: str) -> tuple[Preprocessor, QualityGate]:
         from models.atlas import load_mni152_atlas
         from models.preprocessing import Preprocessor
         from models.quality.gate import QualityGate
 
         with self._loading:
-            if self._preprocessor is None or self._gate is None:
-                atlas = load_mni152_atlas()
-                self._preprocessor = Preprocessor(atlas)
-                self._gate = QualityGate(atlas, self._preprocessor.geometry)
-            return self._preprocessor, self._gate
+            if self._atlas is None:
+                self._atlas = load_mni152_atlas()
+            if contrast not in self._preprocessors:
+                self._preprocessors[contrast] = Preprocessor(self._atlas, contrast=contrast)
+            if self._gate is None:
+                self._gate = QualityGate(self._atlas, self._preprocessors[contrast].geometry)
+            return self._preprocessors[contrast], self._gate
 
     def _detector(self, checkpoint: Path) -> AnomalyDetector:
         from models.checkpoint import CheckpointError

@@ -54,6 +54,7 @@ class QcCase:
     expected: Expected
     contrast: ContrastLabel  # the contrast class the series is labelled as (and sent to)
     why: str  # what it is; for a negative, which check must catch it
+    caught_by: str = ""  # for a negative, the measure that must refuse it (registration, coverage, contrast)
 
 
 @dataclass(frozen=True)
@@ -416,13 +417,20 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "phantom",
             "fail",
             "T1",
-            "water-bottle phantom (cylinder 180 mm) with a T1 header: registration similarity and mask must fail",
+            "water-bottle phantom (cylinder 180 mm) with a T1 header: registration similarity must fail",
+            caught_by="registration",
         ),
         _phantom,
         _mprage(),
     ),
     (
-        QcCase("noise", "fail", "T1", "pure Rician noise labelled T1: registration (scale) and similarity must fail"),
+        QcCase(
+            "noise",
+            "fail",
+            "T1",
+            "pure Rician noise labelled T1: registration (scale) and similarity must fail",
+            caught_by="registration",
+        ),
         _noise,
         _mprage(),
     ),
@@ -432,6 +440,7 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "fail",
             "T1",
             "Colin27 slices stacked head-to-foot against their positions: registration similarity must fail",
+            caught_by="registration",
         ),
         _mirrored_si,
         _mprage(),
@@ -442,6 +451,7 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "fail",
             "T1",
             "Colin27 with each slice's rows flipped (A<->P) against the tags: registration similarity must fail",
+            caught_by="registration",
         ),
         _rows_flipped,
         _mprage(),
@@ -452,6 +462,7 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "fail",
             "T1",
             "Colin27 28.8 mm axial slab at the vertex, valid series: brain coverage of the field of view must fail",
+            caught_by="registration",
         ),
         _partial_slab,
         _mprage(),
@@ -462,6 +473,7 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "fail",
             "T1",
             "Colin27 28.8 mm axial slab through the middle of the head: brain coverage must fail",
+            caught_by="coverage",
         ),
         _mid_slab,
         _mprage(),
@@ -472,6 +484,7 @@ _CASES: tuple[tuple[QcCase, Callable[[], sitk.Image], _Acquisition], ...] = (
             "fail",
             "T1",
             "the T2-like Colin27 labelled T1: tissue contrast order (and atlas similarity) must fail",
+            caught_by="contrast",
         ),
         _colin27_t2like,
         _mprage(),
@@ -520,7 +533,8 @@ class Measured:
     case: QcCase
     quality: Any  # models.quality.gate.QualityReport; None when the preprocessing itself refused the series
     refused: str  # the preprocessing's reason when it refused (e.g. an implausible registration scale)
-    gate_seconds: float  # the gate's own measures (the field-of-view map is part of the preprocessing)
+    gate_seconds: float  # the gate's own measures
+    field_of_view_seconds: float  # the preprocessing's map of covered model voxels, which the gate needs
 
     def problems(self, thresholds: Any) -> list[str]:
         """Why the node would not screen this case (empty: it would)."""
@@ -537,17 +551,18 @@ def measure_corpus(folder: Path, cases: list[QcCase] | None = None) -> list[Meas
     from node.volume import series_to_volume
 
     atlas = load_mni152_atlas()
-    preprocessor = Preprocessor(atlas)
-    gate = QualityGate(atlas, preprocessor.geometry)
+    preprocessors = {contrast: Preprocessor(atlas, contrast=contrast) for contrast in ("t1", "t2", "flair")}
+    gate = QualityGate(atlas, preprocessors["t1"].geometry)
     measured = []
     for case in cases or qc_cases():
         volume = series_to_volume(sorted(write_case(case, folder).iterdir()))
         try:
-            prepared = preprocessor(volume.image)
+            prepared = preprocessors[case.contrast.lower()](volume.image)
         except PreprocessingError as exc:
-            measured.append(Measured(case, None, f"preprocessing failed: {exc}", 0.0))
+            measured.append(Measured(case, None, f"preprocessing failed: {exc}", 0.0, 0.0))
             continue
         started = time.perf_counter()
         quality = gate.measure(prepared, case.contrast.lower())
-        measured.append(Measured(case, quality, "", time.perf_counter() - started))
+        gate_seconds = time.perf_counter() - started
+        measured.append(Measured(case, quality, "", gate_seconds, prepared.seconds["field_of_view"]))
     return measured

@@ -51,11 +51,16 @@ class Preprocessed:
 
 
 class Preprocessor:
-    """The preprocessing, with what it derives from the atlas computed once (~0.5 s) and reused."""
+    """The preprocessing, with what it derives from the atlas computed once (~0.5 s) and reused.
 
-    def __init__(self, atlas: Atlas, spec: ModelGridSpec | None = None) -> None:
+    ``contrast`` (t1, t2, flair) is the model's: the registration compares the series with the atlas anatomy
+    in that contrast (correlation copes with T2's inverted order, not with FLAIR's grey matter brighter than
+    white matter against dark CSF). Training volumes are T1 and register to the T1 template.
+    """
+
+    def __init__(self, atlas: Atlas, spec: ModelGridSpec | None = None, contrast: str = "t1") -> None:
         self._atlas_mask = atlas.brain_mask
-        self._target = registration_target(atlas)
+        self._target = registration_target(atlas, contrast)
         self.geometry = model_geometry(atlas.brain_mask, spec or ModelGridSpec())
 
     def __call__(self, image: sitk.Image) -> Preprocessed:
@@ -82,6 +87,7 @@ class Preprocessor:
         input_brain_mask = resample(mask, input_grid, interpolation="nearest", pixel_type=sitk.sitkUInt8)
         lap("brain_mask")
         covered = _field_of_view(input_grid, self.geometry, atlas_to_input)
+        lap("field_of_view")
         brain = (_to_model_grid_linear(mask, self.geometry, atlas_to_input) >= 0.5) & covered
         volume = normalise(_to_model_grid_linear(working, self.geometry, atlas_to_input), brain)
         lap("model_grid")

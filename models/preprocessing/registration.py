@@ -61,8 +61,9 @@ class RegistrationTarget:
     metric_mask: sitk.Image  # uint8 on the same grid: the atlas brain
 
 
-def registration_target(atlas: Atlas) -> RegistrationTarget:
-    image = sitk.BinShrink(atlas.image, [REGISTRATION_SHRINK] * 3)
+def registration_target(atlas: Atlas, contrast: str = "t1") -> RegistrationTarget:
+    """The atlas anatomy in ``contrast`` at 2 mm: a series registers to the template of its model's contrast."""
+    image = sitk.BinShrink(atlas.template(contrast), [REGISTRATION_SHRINK] * 3)
     mask = sitk.Resample(atlas.brain_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return RegistrationTarget(image=image, metric_mask=mask)
 

@@ -30,12 +30,11 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import SimpleITK as sitk
 
-from models.atlas import Atlas
+from models.atlas import CONTRASTS, Atlas
 from models.data.volumes import atlas_priors
 from models.preprocessing import ModelGeometry, Preprocessed, atlas_to_model_grid
 from models.quality.thresholds import QualityThresholds
 
-CONTRASTS = ("t1", "t2", "flair")
 CSF, GM, WM = 0, 1, 2
 TISSUES = ("csf", "gm", "wm")
 # (brighter, darker) tissue pairs each contrast must show.
@@ -44,9 +43,6 @@ ORDER: dict[str, tuple[tuple[int, int], ...]] = {
     "t2": ((CSF, GM), (GM, WM)),
     "flair": ((GM, WM), (WM, CSF)),
 }
-# Tissue intensities (CSF, GM, WM) painted onto the atlas's tissue probabilities for the contrasts the
-# atlas has no image of: the middle of the ranges the training data synthesis draws from.
-TEMPLATE_MEANS = {"t2": (0.92, 0.55, 0.33), "flair": (0.14, 0.90, 0.61)}
 CORE_PROBABILITY = 0.7  # a voxel belongs to a tissue's core where the atlas gives it at least this probability
 
 
@@ -87,9 +83,12 @@ class QualityReport:
                 f"(expected {t.min_brain_volume_ml:.0f}-{t.max_brain_volume_ml:.0f})"
             )
         if self.contrast_margin < t.min_contrast_margin:
+            # Which contrast it resembles means something only where the anatomy was found.
+            registered = self.registration_similarity >= t.min_registration_similarity
+            resembles = f"; it looks like {self.looks_like.upper()}" if registered else ""
             found.append(
                 f"tissue contrast is not {self.contrast.upper()} (margin {self.contrast_margin:.2f}, minimum "
-                f"{t.min_contrast_margin:.2f}; it looks like {self.looks_like.upper()})"
+                f"{t.min_contrast_margin:.2f}{resembles})"
             )
         return found
 
@@ -118,11 +117,7 @@ class QualityGate:
         priors = atlas_priors(geometry)  # (CSF, GM, WM, z, y, x) on the model grid
         self._atlas_brain = priors.sum(axis=0) >= 0.5
         self._cores = [(priors[k] >= CORE_PROBABILITY) & self._atlas_brain for k in range(3)]
-        t1 = atlas_to_model_grid(atlas.image, geometry)
-        self._templates = {"t1": t1} | {
-            name: np.einsum("c,czyx->zyx", np.array(means, dtype=np.float32), priors)
-            for name, means in TEMPLATE_MEANS.items()
-        }
+        self._templates = {name: atlas_to_model_grid(atlas.template(name), geometry) for name in CONTRASTS}
         spacing = np.prod(atlas.brain_mask.GetSpacing())
         self._atlas_brain_ml = float(np.count_nonzero(sitk.GetArrayViewFromImage(atlas.brain_mask))) * spacing / 1000
 

@@ -36,7 +36,7 @@ from node.volume.assemble import series_to_volume  # noqa: E402
 from tests import brains  # noqa: E402
 from tests.mr_files import mr_slice, write_series  # noqa: E402
 
-STAGES = ("read", "reorient_resample", "bias_field", "registration", "brain_mask", "model_grid")
+STAGES = ("read", "reorient_resample", "bias_field", "registration", "brain_mask", "field_of_view", "model_grid")
 
 
 @dataclass(frozen=True)

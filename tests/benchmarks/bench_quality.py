@@ -22,15 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from models.quality import QualityThresholds  # noqa: E402
 from tests.qc_corpus import measure_corpus  # noqa: E402
 
-# measure -> (direction a positive must have: +1 higher is better, -1 lower is better)
-MEASURES = {
-    "registration_similarity": +1,
-    "mask_agreement": +1,
-    "brain_volume_ml": 0,
-    "coverage": +1,
-    "contrast_margin": +1,
-}
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,18 +56,37 @@ def main() -> int:
             f"{t['csf']:5.2f} {t['gm']:5.2f} {t['wm']:5.2f} {q.contrast_margin:6.3f}  {'; '.join(problems)}"
         )
     print(f"\n{wrong} case(s) decided against expectation")
-    print("\nper measure: worst positive vs best negative (among negatives the gate measured)")
+    print("\nper check: the worst positive against the best negative meant for it (min threshold in brackets)")
     positives = [m.quality for m in measured if m.case.expected == "pass" and m.quality is not None]
-    negatives = [m.quality for m in measured if m.case.expected == "fail" and m.quality is not None]
-    for name, direction in MEASURES.items():
-        pos = [getattr(q, name) for q in positives]
-        neg = [getattr(q, name) for q in negatives]
-        if direction > 0:
-            print(f"  {name:<24} positives >= {min(pos):.3f}   negatives max {max(neg):.3f}")
-        else:
-            print(f"  {name:<24} positives {min(pos):.0f}-{max(pos):.0f}   negatives {min(neg):.0f}-{max(neg):.0f}")
-    gate_ms = [m.gate_seconds * 1000 for m in measured if m.quality is not None]
-    print(f"\ngate measures: median {statistics.median(gate_ms):.1f} ms, max {max(gate_ms):.1f} ms per series")
+    for check, measure, minimum in (
+        ("registration", "registration_similarity", thresholds.min_registration_similarity),
+        ("coverage", "coverage", thresholds.min_coverage),
+        ("contrast", "contrast_margin", thresholds.min_contrast_margin),
+    ):
+        negatives = [m for m in measured if m.case.caught_by == check and m.quality is not None]
+        worst = min(getattr(q, measure) for q in positives)
+        best = max(negatives, key=lambda m: getattr(m.quality, measure))
+        refused = sum(1 for m in measured if m.case.caught_by == check and m.quality is None)
+        print(
+            f"  {measure:<24} positives >= {worst:.3f}, negatives <= {getattr(best.quality, measure):.3f} "
+            f"({best.case.name}) [{minimum}]" + (f"; {refused} refused by the registration itself" if refused else "")
+        )
+    volumes = [q.brain_volume_ml for q in positives]
+    others = [m.quality.brain_volume_ml for m in measured if m.case.expected == "fail" and m.quality is not None]
+    print(
+        f"  {'brain_volume_ml':<24} positives {min(volumes):.0f}-{max(volumes):.0f}, negatives {min(others):.0f}-"
+        f"{max(others):.0f} [{thresholds.min_brain_volume_ml:.0f}-{thresholds.max_brain_volume_ml:.0f}]"
+    )
+    agreement = [q.mask_agreement for q in positives]
+    print(
+        f"  {'mask_agreement':<24} positives >= {min(agreement):.3f} [{thresholds.min_mask_agreement}]; "
+        "no corpus negative has an implausible mask shape (a backstop)"
+    )
+    for what, ms in (
+        ("gate measures", [m.gate_seconds * 1000 for m in measured if m.quality is not None]),
+        ("field-of-view map", [m.field_of_view_seconds * 1000 for m in measured if m.quality is not None]),
+    ):
+        print(f"{what}: median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms per series")
     return 0
 
 

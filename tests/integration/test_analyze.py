@@ -18,6 +18,7 @@ from node.sender import Sender
 from tests import brains
 from tests.dicom_series import AXIAL, SAGITTAL, centred_grid, resample, write_mr_series
 from tests.peers import running_orthanc, validate_with_dciodvfy
+from tests.qc_corpus import qc_cases, write_case
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,10 +66,13 @@ def test_analyze_writes_seg_overlays_summary_and_report(study: tuple[Path, str, 
     assert set(report) == {t1_uid, localizer_uid}
     skipped = report[localizer_uid]
     assert skipped["selected"] is False and skipped["model"] is None and "localizer" in skipped["reason"].lower()
+    assert skipped["analysed"] is False and skipped["quality"] is None
     analysed = report[t1_uid]
     assert analysed["selected"] is True and analysed["model"].startswith("cDDPM default")
+    assert analysed["analysed"] is True and analysed["quality"]["registration_similarity"] > 0.4
     assert analysed["threshold"] > 0 and analysed["anomaly_volume_ml"] >= 0 and analysed["components"] >= 0
-    assert set(analysed["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
+    assert set(analysed["timings_s"]) == {"volume", "preprocessing", "quality", "inference", "objects"}
+    assert not (out / localizer_uid).exists()  # skipped by the rules: no notice
 
     results = out / t1_uid
     seg = hd.seg.segread(results / "seg.dcm")
@@ -84,6 +88,25 @@ def test_analyze_writes_seg_overlays_summary_and_report(study: tuple[Path, str, 
     assert group.get_measurements()[0].value == pytest.approx(analysed["anomaly_volume_ml"], abs=1e-3)
     for path in (results / "seg.dcm", results / "sr.dcm", overlays[0]):
         validate_with_dciodvfy(path)
+
+
+def test_analyze_does_not_screen_a_phantom_and_says_why(tmp_path: Path) -> None:
+    """A non-brain phantom with a T1 header: no SEG, a NOT SCREENED notice, the gate's values in the report,
+    and the reason printed."""
+    [phantom] = [case for case in qc_cases() if case.name == "phantom"]
+    folder = write_case(phantom, tmp_path / "in")
+    run = analyze(str(folder), "--out", str(tmp_path / "out"))
+    assert run.returncode == 0, run.stderr
+    [entry] = json.loads((tmp_path / "out" / "report.json").read_text())["series"]
+    assert (entry["selected"], entry["analysed"], entry["anomaly_volume_ml"]) == (True, False, None)
+    assert entry["reason"].startswith("quality gate: registration to the atlas failed")
+    assert entry["quality"]["registration_similarity"] < 0.4 and entry["quality"]["anomaly_fraction"] is None
+    assert f"{entry['series_uid']}: NOT SCREENED: {entry['reason']}" in run.stdout
+    results = tmp_path / "out" / entry["series_uid"]
+    assert sorted(p.name for p in results.iterdir()) == ["notice.dcm", "notice.png"]
+    notice = pydicom.dcmread(results / "notice.dcm")
+    assert notice.SeriesDescription.startswith("NOT SCREENED") and entry["reason"] in notice.ImageComments
+    validate_with_dciodvfy(results / "notice.dcm")
 
 
 def test_analyze_refuses_unusable_input_with_one_line(tmp_path: Path) -> None:
