@@ -138,7 +138,8 @@ class Analyser:
         result = detector.analyse(prepared.volume, prepared.brain_mask)
         quality = quality.with_answer(result.mask, prepared.brain_mask)
         lap("inference")
-        self._refuse([p for p in [quality.answer_problem(self._quality.thresholds())] if p], quality)
+        if problem := quality.answer_problem(self._quality.thresholds()):
+            self._refuse([problem], quality)
         on_stage("exporting")
         clock = time.perf_counter()
         # The mask goes back as a partial-volume fraction and is cut at one half: smoother outlines on a

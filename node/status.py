@@ -13,7 +13,8 @@ from node.config import NodeSection
 from node.db import Instance, Series, Study
 from node.db.database import Database
 from node.db.schema import as_utc
-from node.jobs.store import JobStore
+from node.jobs.states import JobState
+from node.jobs.store import JobRecord, JobStore
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class SeriesStatus:
     description: str
     last_received_at: str
     images_deleted_at: str = ""
-    analysed: bool | None = None  # of its newest job: None until one has an answer (or for a skipped series)
+    analysed: bool | None = None  # by its newest job (see JobStatus); None while no job has decided
     quality: dict | None = None  # the quality gate's measures of its newest job, when it got that far
 
 
@@ -54,10 +55,10 @@ def collect_status(db: Database) -> list[StudyStatus]:
             .outerjoin(counts, counts.c.series_id == Series.id)
             .order_by(Study.id, Series.id)
         )
-        newest = {job.series_uid: job.report for job in JobStore(db).all()}  # oldest first: the newest version wins
+        newest = {job.series_uid: job for job in JobStore(db).all()}  # oldest first: the newest version wins
         studies: dict[str, list[SeriesStatus]] = {}
         for study_uid, series, count, last in rows:
-            report = newest.get(series.series_uid, {})
+            job = newest.get(series.series_uid)
             studies.setdefault(study_uid, []).append(
                 SeriesStatus(
                     series_uid=series.series_uid,
@@ -68,8 +69,8 @@ def collect_status(db: Database) -> list[StudyStatus]:
                     description=series.description,
                     last_received_at=_utc_iso(last),
                     images_deleted_at=_utc_iso(series.images_deleted_at),
-                    analysed=report.get("analysed"),
-                    quality=report.get("quality"),
+                    analysed=_analysed(job) if job else None,
+                    quality=job.report.get("quality") if job else None,
                 )
             )
     return [StudyStatus(study_uid=uid, series=series) for uid, series in studies.items()]
@@ -93,7 +94,7 @@ class JobStatus:
     analysis_seconds: dict[str, float]  # volume, preprocessing, inference, objects (inside the analysis)
     findings: dict[str, float | int | None]  # anomaly_volume_ml, components, max_score, threshold
     results_dir: str
-    analysed: bool | None  # None until the analysis ended; False: not screened (``reason`` says why)
+    analysed: bool | None  # True: screened; False: skipped or not screened (``reason`` says why); None: not yet
     quality: dict | None  # the quality gate's measures, when the series reached it
 
 
@@ -122,7 +123,7 @@ def collect_jobs(db: Database) -> list[JobStatus]:
                 if report
                 else {},
                 results_dir=job.results_dir,
-                analysed=report.get("analysed"),
+                analysed=_analysed(job),
                 quality=report.get("quality"),
             )
         )
@@ -187,6 +188,12 @@ def status_text(status: NodeStatus) -> str:
     lines.append("")
     lines.append(f"disk: {disk.free_mb} MB free in {disk.data_dir} (floor {disk.min_free_mb} MB): {state}")
     return "\n".join(lines)
+
+
+def _analysed(job: JobRecord) -> bool | None:
+    if "analysed" in job.report:  # recorded with the results or the NOT SCREENED notice
+        return bool(job.report["analysed"])
+    return job.state is JobState.DONE if job.state.finished else None
 
 
 def _utc_iso(value: datetime | str | None) -> str:

@@ -6,10 +6,12 @@
        |            |              |            |
        +------------+--------------+------------+---> failed(reason) | skipped(reason) | cancelled
 
-``preprocessing`` covers reading the series and registering it to the atlas, ``inferring`` the diffusion
-model, ``exporting`` building the DICOM objects, writing them durably and sending them. A job interrupted
-in ``preprocessing`` or ``inferring`` goes back to ``queued`` (nothing durable was produced); one
-interrupted in ``exporting`` resumes sending the results already on disk.
+``preprocessing`` covers reading the series, registering it to the atlas and the quality gate, ``inferring``
+the diffusion model, ``exporting`` building the DICOM objects, writing them durably and sending them. A job
+interrupted in ``preprocessing`` or ``inferring`` goes back to ``queued`` (nothing durable was produced); one
+interrupted in ``exporting`` resumes sending the results already on disk. A selected series that cannot be
+analysed goes from ``preprocessing`` or ``inferring`` to ``exporting`` with a NOT SCREENED notice for results,
+and ends ``failed`` once that is delivered.
 """
 
 from __future__ import annotations

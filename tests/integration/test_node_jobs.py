@@ -205,7 +205,7 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     assert t1.reason.startswith("delivered to pacs")
     assert set(t1.stage_seconds()) == {"completion_wait", "queued", "preprocessing", "inferring", "exporting"}
     assert t1.stage_seconds()["completion_wait"] >= 1.0  # the quiet period
-    assert set(t1.report["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
+    assert set(t1.report["timings_s"]) == {"volume", "preprocessing", "quality", "inference", "objects"}
 
     in_pacs = results_in_orthanc(orthanc, study_uid)
     results = sorted(Path(t1.results_dir).rglob("*.dcm"))
@@ -216,6 +216,12 @@ def test_study_from_storescu_is_analysed_and_results_reach_orthanc(
     states = {job["series_uid"]: (job["state"], job["reason"]) for job in status["jobs"]}
     assert states[t1_uid][0] == "done" and states[localizer_uid] == ("skipped", localizer.reason)
     assert status["disk"]["refusing_images"] is False
+    # Whether each series was screened, and the quality gate's values, for jobs and series alike.
+    [t1_job] = [job for job in status["jobs"] if job["series_uid"] == t1_uid]
+    assert t1_job["analysed"] is True and t1_job["quality"] == t1.report["quality"]
+    series = {s["series_uid"]: s for study in status["studies"] for s in study["series"]}
+    assert series[t1_uid]["analysed"] is True and series[t1_uid]["quality"]["registration_similarity"] > 0.4
+    assert series[localizer_uid]["analysed"] is False and series[localizer_uid]["quality"] is None
 
 
 def analysing(

@@ -23,12 +23,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.db import open_database
 from node.jobs.states import JobState
-from node.jobs.store import JobRecord, JobStore
+from node.jobs.store import JobRecord
 from tests import brains
 from tests.dicom_series import AXIAL, centred_grid, resample, write_mr_series
 from tests.encoders import ENCODINGS, encode, storescu_profile
+from tests.integration.test_node_jobs import jobs_of
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, require_tool, running_orthanc
 from tests.qc_corpus import qc_cases, write_case
 from tests.tiny_model import write_fast_checkpoint
@@ -66,14 +66,6 @@ def storescu(*args: str) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-
-
-def jobs_of(data_dir: Path) -> list[JobRecord]:
-    db = open_database(f"sqlite:///{data_dir / 'uad-node.sqlite'}", migrate=False)
-    try:
-        return JobStore(db).all()
-    finally:
-        db.close()
 
 
 def wait_until_finished(data_dir: Path, node: NodeProcess, count: int) -> list[JobRecord]:
