@@ -39,5 +39,9 @@ def test_demo_sends_the_sample_study_through_the_node_into_orthanc(tmp_path: Pat
     assert (out / "summary.png").read_bytes().startswith(PNG_SIGNATURE)
     report = json.loads((out / "report.json").read_text())
     assert report["selected"] is True and report["model"].startswith("cDDPM default")
-    assert set(report["timings_s"]) == {"volume", "preprocessing", "inference", "objects"}
+    assert set(report["timings_s"]) == {"volume", "preprocessing", "quality", "inference", "objects"}
+    assert report["analysed"] is True and report["quality"]["anomaly_fraction"] < 0.2  # the gate let it through
+    # and the shipped model still finds the simulated lesion: the largest region lies on it
+    distance = re.search(r"(\d+) mm from the simulated lesion's centre", run.stdout)
+    assert distance is not None and int(distance.group(1)) <= 10
     assert "job 1" in (out / "node.log").read_text()
