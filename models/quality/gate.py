@@ -87,8 +87,8 @@ class QualityReport:
             registered = self.registration_similarity >= t.min_registration_similarity
             resembles = f"; it looks like {self.looks_like.upper()}" if registered else ""
             found.append(
-                f"tissue contrast is not {self.contrast.upper()} (margin {self.contrast_margin:.2f}, minimum "
-                f"{t.min_contrast_margin:.2f}{resembles})"
+                f"tissue contrast is not {self.contrast.upper()} (margin {self.contrast_margin:.3f}, minimum "
+                f"{t.min_contrast_margin:.3f}{resembles})"
             )
         return found
 
