@@ -82,22 +82,46 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", type=Path, help="config file (default: the embedded defaults, shipped T1 model)")
     analyze.set_defaults(run=_analyze)
 
-    train = commands.add_parser("train", help="train the diffusion model on healthy scans")
+    train = commands.add_parser(
+        "train",
+        help="train the diffusion model on healthy scans",
+        description="Train a new model, continue a run (--resume), or fine-tune a trained model on a site's healthy "
+        "scans (--init).",
+    )
     train.add_argument("--data", required=True, help='a folder of NIfTI files / DICOM series, or "offline"')
-    train.add_argument("--config", default="default", help="model configuration: default or paper")
-    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (rewritten periodically)")
     train.add_argument(
+        "--config",
+        help="model configuration of a new model: default or paper (default: default); ignored with --resume; with "
+        "--init the checkpoint's own, and naming another is an error",
+    )
+    train.add_argument("--out", type=Path, required=True, help="checkpoint to write (rewritten periodically)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume",
         type=Path,
         help="continue from this checkpoint: exactly from a run file (options given here change the run), "
         "warm from a shipped one",
     )
+    start.add_argument(
+        "--init",
+        type=Path,
+        metavar="CHECKPOINT",
+        help="fine-tune this trained model (e.g. models/checkpoints/default-t1.pt) on --data: a new run from its "
+        "weights, in its config and contrast, with a fresh optimiser from step 0 at learning rate 2e-5 unless "
+        "--learning-rate is given; its threshold is not carried over (run `evaluate --ship` on the result)",
+    )
     train.add_argument("--minutes", type=float, help="stop after this many minutes")
-    train.add_argument("--steps", type=int, help="stop at this total step count")
+    train.add_argument("--steps", type=int, help="stop at this total step count (with --init: counted from 0)")
     train.add_argument("--unconditioned", action="store_true", help="no image encoder: the plain DDPM baseline")
-    train.add_argument("--contrast", choices=("t1", "t2", "flair"), default="t1")
+    train.add_argument(
+        "--contrast",
+        choices=("t1", "t2", "flair"),
+        help="default t1; with --resume the run's; with --init the checkpoint's (naming another is an error)",
+    )
     train.add_argument("--batch-size", type=int, help="slices per step (default 16)")
-    train.add_argument("--learning-rate", type=float, help="Adam learning rate (default 1e-4, the paper's)")
+    train.add_argument(
+        "--learning-rate", type=float, help="Adam learning rate (default 1e-4, the paper's; with --init 2e-5)"
+    )
     train.add_argument("--seed", type=int, help="data and noise seed (default 0)")
     train.add_argument("--max-timestep", type=int, help="train on noise levels t < this only (default: all 1000)")
     train.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 where the hardware has it")
@@ -106,20 +130,57 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--snapshot-every", type=int, help="also keep the EMA weights every N steps (learning curves)")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("evaluate", help="a checkpoint against the baselines on Colin27 with lesions")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="a checkpoint on a labelled dataset (--dataset DIR), or against the baselines on Colin27 with lesions",
+    )
     evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--dataset", type=Path, help="a labelled dataset folder (layouts: brats, pairs, dicom)")
+    evaluate.add_argument("--layout", default="auto", choices=("auto", "brats", "pairs", "dicom"))
+    evaluate.add_argument("--modality", choices=("t1", "t2", "flair"), help="default: the checkpoint's contrast")
+    evaluate.add_argument("--folds", type=int, help="--dataset: K-fold thresholds instead of a validation split")
+    evaluate.add_argument("--threshold", type=float, help="--dataset: this threshold, no search (all cases test)")
+    evaluate.add_argument("--predictions", type=Path, help="--dataset: write <id>_pred/_score.nii.gz here")
+    evaluate.add_argument("--baselines", action="store_true", help="--dataset: add atlas-mean and intensity rows")
     evaluate.add_argument("--unconditioned", type=Path, help="an unconditioned DDPM checkpoint to compare with")
     evaluate.add_argument("--data", default="offline", help="the model's training data, for the atlas-mean baseline")
-    evaluate.add_argument("--validation", type=int, default=10, help="lesion cases that tune each threshold")
-    evaluate.add_argument("--test", type=int, default=20, help="lesion cases reported")
-    evaluate.add_argument("--healthy", type=int, default=2, help="lesion-free cases for false positives")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the simulated cases")
+    evaluate.add_argument(
+        "--validation", type=int, help="cases that tune each threshold (default 10 simulated; a fifth of --dataset)"
+    )
+    evaluate.add_argument("--test", type=int, default=20, help="simulated lesion cases reported")
+    evaluate.add_argument(
+        "--healthy", help="lesion-free scans for false positives: a folder with --dataset, else a count (default 2)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the simulated cases / the dataset's split")
     evaluate.add_argument("--json", type=Path, help="write the figures as JSON here")
     evaluate.add_argument("--ship", type=Path, help="write the deployable checkpoint (fp16, tuned threshold) here")
     evaluate.add_argument("--timesteps", help="noise ensemble to use instead of the checkpoint's, e.g. 250 or 250,500")
     evaluate.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     evaluate.add_argument("--cache", type=Path, help="where preprocessed volumes are cached")
     evaluate.set_defaults(run=_evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="set a checkpoint's threshold on the site's own healthy scans (bounded false positives)",
+        description="Write a copy of --checkpoint whose threshold is the SMALLEST at which the false-positive volume "
+        "of the segmentation, measured on each healthy scan's own grid exactly as the node's SEG, is at most "
+        "--max-fp-ml mL on at least --quantile of the healthy scans. With --lesions, the threshold at or above that "
+        "one with the best mean model-grid Dice on the lesion cases. The rule and its figures are recorded in the "
+        "new file (its own content hash) and named in report.json.",
+    )
+    calibrate.add_argument("--checkpoint", type=Path, required=True, help="the model to calibrate")
+    calibrate.add_argument(
+        "--healthy", type=Path, required=True, help="the site's healthy scans: NIfTI/MHA/NRRD files or DICOM series"
+    )
+    calibrate.add_argument("--lesions", type=Path, help="a labelled dataset to pick the best Dice above the bound")
+    calibrate.add_argument("--layout", default="auto", choices=("auto", "brats", "pairs", "dicom"), help="of --lesions")
+    calibrate.add_argument("--max-fp-ml", type=float, required=True, help="false-positive volume bound per scan, mL")
+    calibrate.add_argument(
+        "--quantile", type=float, default=0.95, help="share of healthy scans within the bound (default 0.95)"
+    )
+    calibrate.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write")
+    calibrate.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    calibrate.set_defaults(run=_calibrate)
     return parser
 
 
@@ -267,6 +328,7 @@ def _train(args: argparse.Namespace) -> int:
             stop,
             options,
             resume=args.resume,
+            init=args.init,
             without_encoder=args.unconditioned,
             contrast=args.contrast,
             cache_dir=args.cache,
@@ -277,12 +339,16 @@ def _train(args: argparse.Namespace) -> int:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2
     print(f"{args.out}: step {checkpoint.training['steps']}, {checkpoint.training['seconds'] / 60:.1f} min in all")
+    if args.init:  # the node refuses a checkpoint without a threshold; say what comes next
+        print(f"{args.out}: no threshold yet (fine-tuning changes the scores); set one with `uad-node evaluate --ship`")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    if args.dataset is not None:
+        return _evaluate_dataset(args)
     from models.checkpoint import CheckpointError, load_checkpoint
     from models.data.volumes import DataError, default_cache_dir
     from models.evaluation.harness import format_table, results_json
@@ -293,7 +359,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         baseline = load_checkpoint(args.unconditioned) if args.unconditioned else None
-        size = EvaluationSize(validation=args.validation, test=args.test, healthy=args.healthy, seed=args.seed)
+        healthy = int(args.healthy) if args.healthy is not None else 2
+        size = EvaluationSize(validation=args.validation or 10, test=args.test, healthy=healthy, seed=args.seed)
         progress = functools.partial(print, file=sys.stderr, flush=True)
         timesteps = [int(t) for t in args.timesteps.split(",")] if args.timesteps else None
         results = run_evaluation(
@@ -308,6 +375,94 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.ship:
         digest = ship(checkpoint, results, args.ship, "uad-node " + " ".join(sys.argv[1:]), timesteps)
         print(f"{args.ship}: threshold {results[0].threshold:.4g}, sha256 {digest}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_dataset(args: argparse.Namespace) -> int:
+    import torch
+
+    from models.atlas import load_mni152_atlas
+    from models.checkpoint import CheckpointError, load_checkpoint
+    from models.data.volumes import DataError, default_cache_dir, healthy_volumes
+    from models.detector import AnomalyDetector
+    from models.evaluation.baselines import AtlasMeanBaseline, intensity_baseline
+    from models.evaluation.dataset_evaluation import Protocol, evaluate_dataset, format_dataset_table
+    from models.evaluation.datasets import DatasetError
+    from models.preprocessing import Preprocessor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = functools.partial(print, file=sys.stderr, flush=True)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        model = AnomalyDetector(checkpoint)
+        methods = [(f"cDDPM ({checkpoint.config.name})", model.residual)]
+        if args.baselines:
+            training = [v.volume for v in healthy_volumes(args.data, args.cache or default_cache_dir())]
+            methods += [
+                (f"atlas-mean ({len(training)} training brains)", AtlasMeanBaseline(training)),
+                ("intensity", intensity_baseline),
+            ]
+        evaluation = evaluate_dataset(
+            args.dataset,
+            methods,
+            Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast),
+            Protocol(validation=args.validation, folds=args.folds, threshold=args.threshold, seed=args.seed),
+            checkpoint=str(args.checkpoint),
+            layout=args.layout,
+            modality=args.modality or checkpoint.contrast,
+            healthy=Path(args.healthy) if args.healthy else None,
+            predictions=args.predictions,
+            progress=progress,
+        )
+    except (CheckpointError, DataError, DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"cannot evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(format_dataset_table(evaluation))
+    report = evaluation.json()
+    for entry in report["skipped"]:
+        print(f"skipped {entry['id']}: {entry['reason']}")
+    print(f"{evaluation.volumes} volumes in {evaluation.seconds:.0f} s ({report['volumes_per_minute']:.1f} per minute)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import SimpleITK as sitk
+    import torch
+
+    from models.atlas import load_mni152_atlas
+    from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from models.detector import AnomalyDetector
+    from models.evaluation.calibration import calibrate, calibrated_checkpoint, calibration_text
+    from models.evaluation.datasets import DatasetError
+    from models.preprocessing import Preprocessor
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    progress = functools.partial(print, file=sys.stderr, flush=True)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        calibration = calibrate(
+            args.healthy,
+            AnomalyDetector(checkpoint).residual,
+            Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast),
+            max_fp_ml=args.max_fp_ml,
+            quantile=args.quantile,
+            lesions=args.lesions,
+            layout=args.layout,
+            modality=checkpoint.contrast,
+            progress=progress,
+        )
+    except (CheckpointError, DatasetError, FileNotFoundError, ValueError) as exc:
+        print(f"cannot calibrate: {exc}", file=sys.stderr)
+        return 2
+    print(calibration_text(calibration, checkpoint.threshold))
+    calibrated = calibrated_checkpoint(checkpoint, args.checkpoint, calibration)
+    digest = save_checkpoint(calibrated, args.out, half=True)
+    print(f"{args.out}: threshold {calibration.threshold:.6g}, sha256 {digest[:12]}, {calibrated.calibration_label}")
     return 0
 
 

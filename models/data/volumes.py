@@ -96,7 +96,7 @@ def folder_volumes(folder: Path, preprocessor: Preprocessor, cache_dir: Path) ->
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
-    sources = _find_sources(folder)
+    sources = find_sources(folder)
     if not sources:
         raise DataError(f"{folder}: no NIfTI, MHA, NRRD or DICOM series found")
     return [_cached(cache_dir, source.name, source.fingerprint(), preprocessor, source.build) for source in sources]
@@ -106,8 +106,8 @@ def folder_volumes(folder: Path, preprocessor: Preprocessor, cache_dir: Path) ->
 
 
 @dataclass(frozen=True)
-class _Source:
-    """One volume in a folder: an image file, or the files of one DICOM series."""
+class ImageSource:
+    """One volume in a folder: an image file, or the files of one DICOM series (in GDCM's sorted order)."""
 
     name: str
     files: tuple[Path, ...]
@@ -120,7 +120,7 @@ class _Source:
         return digest.digest()
 
     def build(self, preprocessor: Preprocessor) -> TrainingVolume:
-        image = self._read()
+        image = self.read()
         try:
             prepared = preprocessor(image)
         except PreprocessingError as error:
@@ -128,7 +128,8 @@ class _Source:
         tissue = clustered_tissue(prepared.volume, prepared.brain_mask, atlas_priors(prepared.geometry))
         return TrainingVolume(self.name, prepared.volume, prepared.brain_mask, tissue)
 
-    def _read(self) -> sitk.Image:
+    def read(self) -> sitk.Image:
+        """The volume as SimpleITK reads it; DataError naming the source when it cannot be read."""
         try:
             if self.series:
                 reader = sitk.ImageSeriesReader()
@@ -140,8 +141,13 @@ class _Source:
             raise DataError(f"{self.name}: cannot be read as an image ({reason.strip()})") from error
 
 
-def _find_sources(folder: Path) -> list[_Source]:
-    sources: list[_Source] = []
+def find_sources(folder: Path) -> list[ImageSource]:
+    """Every image file and DICOM series below ``folder``, named by their path relative to it.
+
+    Series come first, folder by folder; a ``.dcm`` file in no readable series is a DataError, since
+    a scan silently left out would change what is trained or evaluated on.
+    """
+    sources: list[ImageSource] = []
     in_series: set[Path] = set()
     directories = [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]
     for directory in directories:
@@ -149,11 +155,11 @@ def _find_sources(folder: Path) -> list[_Source]:
             files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), series_id))
             in_series.update(files)
             name = f"{directory.relative_to(folder).as_posix()}/series-{series_id}"
-            sources.append(_Source(name=name, files=files, series=True))
+            sources.append(ImageSource(name=name, files=files, series=True))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if path.name.lower().endswith(IMAGE_SUFFIXES):
-            sources.append(_Source(name=name, files=(path,), series=False))
+            sources.append(ImageSource(name=name, files=(path,), series=False))
         elif path.suffix.lower() == ".dcm" and path not in in_series:
             raise DataError(f"{name}: not a readable DICOM image (it belongs to no series)")
     return sources

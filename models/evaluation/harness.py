@@ -121,7 +121,7 @@ def format_table(results: list[MethodResult]) -> str:
 
 def results_json(results: list[MethodResult]) -> dict:
     """Plain JSON-serialisable figures (NaN becomes None), for model cards and benchmark records."""
-    return {"voxel_ml": VOXEL_ML, "methods": [_json_safe(asdict(r)) for r in results]}
+    return {"voxel_ml": VOXEL_ML, "methods": [json_safe(asdict(r)) for r in results]}
 
 
 def _truth(case: EvaluationCase) -> np.ndarray:
@@ -163,11 +163,12 @@ def _percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def _json_safe(value: object) -> object:
+def json_safe(value: object) -> object:
+    """``value`` with NaN as None, recursively (JSON has no NaN)."""
     if isinstance(value, float):
         return None if math.isnan(value) else value
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value

@@ -53,6 +53,24 @@ class TrainingOptions:
 
 
 @dataclass(frozen=True)
+class InitFrom:
+    """A trained model to fine-tune (``uad-node train --init``) and where it was read from, for the record."""
+
+    source: str
+    checkpoint: Checkpoint
+
+    def record(self) -> dict[str, Any]:
+        """``training["init"]`` of the new run: enough to find the model it started from and verify it is that one."""
+        training = self.checkpoint.training
+        return {
+            "checkpoint": self.source,
+            "content_hash": self.checkpoint.content_hash,
+            "steps": training.get("steps"),
+            "data": training.get("data", {}).get("source"),
+        }
+
+
+@dataclass(frozen=True)
 class StopAt:
     """Train until the first of these is reached (both None: one step)."""
 
@@ -71,8 +89,9 @@ def train(
     progress: Callable[[str], None] = print,
     device: torch.device | None = None,
     snapshot_every: int | None = None,
+    init: InitFrom | None = None,
 ) -> Checkpoint:
-    """Train (or resume) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
+    """Train (or resume, or fine-tune) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
 
     When resuming, the model configuration stored in ``resume`` wins (``config`` is ignored); exactness
     also needs ``options`` equal to the stored ones (``TrainingOptions.from_dict(resume.training["options"])``),
@@ -80,16 +99,26 @@ def train(
     checkpoint without training state (a shipped or committed file) is a *warm start*: both the
     weights and the EMA start from its EMA weights, Adam starts afresh, and the step count, the
     data stream and the history carry on; ``training["warm_starts"]`` records where.
+    ``init`` fine-tunes another model: a new run (step 0, fresh Adam, its own history, this data stream)
+    whose weights and EMA both start from ``init``'s EMA weights, in ``init``'s config (``config`` is
+    ignored); ``training["init"]`` records the source and carries over when the run is resumed. It is not
+    a warm start: those continue one run (its step count and data), ``init`` begins another.
     ``snapshot_every`` also keeps the EMA weights every that many steps as ``<out>-step<N>.pt``
     (fp16, no training state) for learning curves.
     """
     device = device or default_device()
+    if init is not None and resume is not None:
+        raise ValueError("fine-tune another model (init) or resume a run, not both")
     step, seconds_before, history, warm_starts = 0, 0.0, [], []
+    init_record: dict[str, Any] | None = init.record() if init is not None else None
+    if init is not None:
+        config = init.checkpoint.config
     if resume is not None:
         config = resume.config
         step, seconds_before = resume.training["steps"], resume.training["seconds"]
         history = list(resume.training.get("history", []))
         warm_starts = list(resume.training.get("warm_starts", [])) + ([step] if resume.state is None else [])
+        init_record = resume.training.get("init")
     model = DiffusionModel(config).to(device)
     ema = DiffusionModel(config).to(device).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.learning_rate)
@@ -99,9 +128,12 @@ def train(
         optimizer.load_state_dict(resume.state.optimizer)
         for group in optimizer.param_groups:  # the saved state carries its own rate; ``options`` decides
             group["lr"] = options.learning_rate
-    elif resume is not None:
+    elif resume is not None:  # a warm start: no raw weights or Adam state to take
         model.load_state_dict(resume.ema_weights)
         ema.load_state_dict(resume.ema_weights)
+    elif init is not None:  # likewise; only inference weights are shipped
+        model.load_state_dict(init.checkpoint.ema_weights)
+        ema.load_state_dict(init.checkpoint.ema_weights)
     else:
         ema.load_state_dict(model.state_dict())
     if options.channels_last:
@@ -127,6 +159,8 @@ def train(
             "history": history,
             "warm_starts": warm_starts,
         }
+        if init_record is not None:
+            training["init"] = init_record
         state = TrainingState(
             step=step, weights=model.state_dict(), optimizer=optimizer.state_dict(), seconds=seconds_before + elapsed()
         )
