@@ -65,9 +65,24 @@ def cli_run(pairs: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     healthy = write_healthy(out / "healthy", 2)
     run = subprocess.run(
         [
-            sys.executable, "-m", "node", "evaluate", "--checkpoint", str(checkpoint), "--dataset", str(pairs),
-            "--validation", "1", "--healthy", str(healthy), "--json", str(out / "eval.json"),
-            "--predictions", str(out / "pred"), "--threads", "1",
+            sys.executable,
+            "-m",
+            "node",
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--dataset",
+            str(pairs),
+            "--validation",
+            "1",
+            "--healthy",
+            str(healthy),
+            "--json",
+            str(out / "eval.json"),
+            "--predictions",
+            str(out / "pred"),
+            "--threads",
+            "1",
         ],  # fmt: skip
         capture_output=True,
         text=True,
@@ -133,9 +148,7 @@ def evaluate(folder: Path, checkpoint: Path, preprocessor: Preprocessor, **optio
     )
 
 
-def test_brats_skull_stripped_with_folds(
-    tmp_path: Path, checkpoint: Path, preprocessor: Preprocessor
-) -> None:
+def test_brats_skull_stripped_with_folds(tmp_path: Path, checkpoint: Path, preprocessor: Preprocessor) -> None:
     folder = write_brats(tmp_path / "brats", 3, skull=False)
     evaluation = evaluate(folder, checkpoint, preprocessor, protocol=Protocol(folds=3), modality="t1")
     report = evaluation.json()
