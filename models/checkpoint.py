@@ -2,11 +2,11 @@
 
 A checkpoint carries its model configuration, the preprocessing version and model grid it was
 trained on (a model fed a differently preprocessed volume gives meaningless maps, so a mismatch is
-refused), a description of its training data and run, the calibrated anomaly threshold, the EMA
-weights used for inference and, for a run that can be resumed, the full training state. A SHA-256
-over the metadata and every tensor is stored alongside and checked on load, so a truncated or
-edited file is an error rather than a silently wrong model; the hash is also the model's version in
-the DICOM objects the node writes.
+refused), a description of its training data and run, the calibrated anomaly threshold (for a
+site-calibrated file also the rule and figures that set it), the EMA weights used for inference and,
+for a run that can be resumed, the full training state. A SHA-256 over the metadata and every tensor
+is stored alongside and checked on load, so a truncated or edited file is an error rather than a
+silently wrong model; the hash is also the model's version in the DICOM objects the node writes.
 
 Files are written with ``torch.save`` and read with ``weights_only=True``: only tensors and plain
 containers are unpickled, never code.
@@ -56,6 +56,8 @@ class Checkpoint:
     preprocessing_version: str = PREPROCESSING_VERSION
     grid_spec: ModelGridSpec = field(default_factory=ModelGridSpec)
     state: TrainingState | None = None  # present only in checkpoints that can be resumed
+    # ``uad-node calibrate``: the site rule that set ``threshold`` and its figures (models/evaluation/calibration.py)
+    calibration: dict[str, Any] | None = None
 
     @property
     def content_hash(self) -> str:
@@ -66,8 +68,20 @@ class Checkpoint:
         """The contrast the model was trained on (t1, t2, flair): what it can judge. T1 when unrecorded."""
         return str(self.training.get("data", {}).get("contrast", "t1"))
 
+    @property
+    def calibration_label(self) -> str:
+        """Where the threshold comes from, in one short line for report.json and the summary image: "shipped"
+        (the threshold the checkpoint came with) or the site calibration's bound, scans and date."""
+        c = self.calibration
+        if not c:
+            return "shipped"
+        label = f"site: FP <= {c['max_fp_ml']:g} mL on {100 * c['quantile']:g} % of {c['scans']} healthy scans"
+        if c.get("lesion_cases"):
+            label += f", best Dice on {c['lesion_cases']} lesion cases"
+        return f"{label} ({c['date']})"
+
     def _metadata(self) -> dict[str, Any]:
-        return {
+        metadata = {
             "config": self.config.to_dict(),
             "training": self.training,
             "threshold": self.threshold,
@@ -75,6 +89,9 @@ class Checkpoint:
             "preprocessing_version": self.preprocessing_version,
             "grid_spec": dataclasses.asdict(self.grid_spec),
         }
+        if self.calibration is not None:  # absent rather than null: files from before it keep their hash
+            metadata["calibration"] = self.calibration
+        return metadata
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path, half: bool = False) -> str:
@@ -159,6 +176,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         preprocessing_version=metadata["preprocessing_version"],
         grid_spec=grid_spec,
         state=state,
+        calibration=metadata.get("calibration"),
     )
 
 

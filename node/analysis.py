@@ -147,7 +147,15 @@ class Analyser:
         mask = sitk.GetArrayFromImage(to_input_grid(result.mask.astype(np.float32), prepared, "linear")) >= 0.5
         score = sitk.GetArrayFromImage(to_input_grid(result.score, prepared, "linear")).astype(np.float32)
         name = f"cDDPM {detector.checkpoint.config.name}"
-        findings = findings_from(mask, score, result.threshold, name, detector.version, volume.image.GetSpacing())
+        findings = findings_from(
+            mask,
+            score,
+            result.threshold,
+            name,
+            detector.version,
+            volume.image.GetSpacing(),
+            calibration=detector.checkpoint.calibration_label,
+        )
         sources = _headers(instances)
         segmentations = build_segmentations(volume, sources, findings, self._results)
         report = (

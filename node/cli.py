@@ -168,18 +168,28 @@ def _parser() -> argparse.ArgumentParser:
         "one with the best mean model-grid Dice on the lesion cases. The rule and its figures are recorded in the "
         "new file (its own content hash) and named in report.json.",
     )
-    calibrate.add_argument("--checkpoint", type=Path, required=True, help="the model to calibrate")
+    calibrate.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="the model to calibrate")
     calibrate.add_argument(
-        "--healthy", type=Path, required=True, help="the site's healthy scans: NIfTI/MHA/NRRD files or DICOM series"
+        "--healthy",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="the site's healthy scans (ideally 10-50): NIfTI/MHA/NRRD files or DICOM series",
     )
-    calibrate.add_argument("--lesions", type=Path, help="a labelled dataset to pick the best Dice above the bound")
+    calibrate.add_argument(
+        "--lesions", type=Path, metavar="DIR", help="a labelled dataset: the best Dice at or above the bound"
+    )
     calibrate.add_argument("--layout", default="auto", choices=("auto", "brats", "pairs", "dicom"), help="of --lesions")
-    calibrate.add_argument("--max-fp-ml", type=float, required=True, help="false-positive volume bound per scan, mL")
+    calibrate.add_argument(
+        "--max-fp-ml", type=float, required=True, metavar="X", help="false-positive volume bound per healthy scan, mL"
+    )
     calibrate.add_argument(
         "--quantile", type=float, default=0.95, help="share of healthy scans within the bound (default 0.95)"
     )
-    calibrate.add_argument("--out", type=Path, required=True, help="the calibrated checkpoint to write")
-    calibrate.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    calibrate.add_argument(
+        "--out", type=Path, required=True, metavar="CKPT2", help="the calibrated checkpoint to write"
+    )
+    calibrate.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: all cores)")
     calibrate.set_defaults(run=_calibrate)
     return parser
 

@@ -96,6 +96,7 @@ class JobStatus:
     results_dir: str
     analysed: bool | None  # True: screened; False: skipped or not screened (``reason`` says why); None: not yet
     quality: dict | None  # the quality gate's measures, when the series reached it
+    calibration: str | None = None  # where the threshold comes from ("shipped" or the site rule), when analysed
 
 
 def collect_jobs(db: Database) -> list[JobStatus]:
@@ -125,6 +126,7 @@ def collect_jobs(db: Database) -> list[JobStatus]:
                 results_dir=job.results_dir,
                 analysed=_analysed(job),
                 quality=report.get("quality"),
+                calibration=report.get("calibration"),
             )
         )
     return jobs

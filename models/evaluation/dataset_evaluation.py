@@ -137,10 +137,10 @@ def evaluate_dataset(
     started = time.perf_counter()
     layout, cases = find_dataset(folder, layout, modality)
     skipped: list[dict[str, str]] = []
-    prepared = _prepare_all(cases, preprocessor, skipped, progress, "case")
+    prepared = prepare_all(cases, preprocessor, skipped, progress, "case")
     if not prepared:
         raise DatasetError(f"{folder}: none of the {len(cases)} cases could be read ({skipped[0]['reason']})")
-    clean = _prepare_all(find_healthy(healthy), preprocessor, skipped, progress, "healthy scan") if healthy else []
+    clean = prepare_all(find_healthy(healthy), preprocessor, skipped, progress, "healthy scan") if healthy else []
     results = []
     for name, scorer in methods:
         scored = [score_with(scorer, volume) for volume in prepared]
@@ -174,13 +174,14 @@ def format_dataset_table(evaluation: DatasetEvaluation) -> str:
     return "\n".join(lines)
 
 
-def _prepare_all(
+def prepare_all(
     cases: list[DatasetCase],
     preprocessor: Preprocessor,
     skipped: list[dict[str, str]],
     progress: Callable[[str], None],
     what: str,
 ) -> list[PreparedVolume]:
+    """Each case read and preprocessed; one that cannot be is added to ``skipped`` with its reason, not raised."""
     prepared = []
     for index, case in enumerate(cases, start=1):
         try:

@@ -30,6 +30,7 @@ class Findings:
     spacing_mm: tuple[float, float, float]  # between columns, rows, slices (SimpleITK order)
     components: int  # 3D connected components of the mask (26-connectivity)
     max_score: float  # highest score anywhere (0.0 for an all-zero map)
+    calibration: str | None = None  # where the threshold comes from ("shipped", "site: FP <= 2 mL on ...")
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -57,11 +58,14 @@ def findings_from(
     model_name: str,
     model_version: str,
     spacing_mm: Sequence[float],
+    *,
+    calibration: str | None = None,
 ) -> Findings:
     """Checked findings with their figures; raises ValueError when the arrays cannot describe one series.
 
     ``spacing_mm`` is the series image's spacing (``SeriesVolume.image.GetSpacing()``: columns, rows,
-    slices), which turns voxel counts into millilitres.
+    slices), which turns voxel counts into millilitres. ``calibration``: the checkpoint's
+    ``calibration_label``, shown with the threshold.
     """
     mask = np.asarray(mask)
     score = np.asarray(score, dtype=np.float32)
@@ -92,6 +96,7 @@ def findings_from(
         spacing_mm=spacing,  # type: ignore[arg-type]
         components=count_components(mask),
         max_score=float(score.max()) if score.size else 0.0,
+        calibration=calibration,
     )
 
 

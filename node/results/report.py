@@ -23,11 +23,13 @@ def series_report(
     largest: Region | None = None,
     *,
     quality: dict | None = None,
+    calibration: str | None = None,
 ) -> dict:
     """One entry of report.json. ``analysed`` is whether the model's findings are in it; figures are null for a
     series that was not analysed (``findings`` None), and ``reason`` then says why. ``quality``: the quality
-    gate's measures, when the series reached it (also when it refused the series). ``model`` and
-    ``threshold`` default to the findings' own when those are given."""
+    gate's measures, when the series reached it (also when it refused the series). ``model``, ``threshold``
+    and ``calibration`` (where the threshold comes from: "shipped" or the site rule) default to the findings'
+    own when those are given."""
     return {
         "series_uid": series_uid,
         "selected": bool(selected),
@@ -35,6 +37,7 @@ def series_report(
         "reason": reason,
         "model": model if model is not None else (_model(findings) if findings is not None else None),
         "threshold": _number(threshold if threshold is not None else (findings.threshold if findings else None)),
+        "calibration": calibration if calibration is not None else (findings.calibration if findings else None),
         "anomaly_volume_ml": _number(findings.anomaly_volume_ml if findings is not None else None),
         "components": findings.components if findings is not None else None,
         "max_score": _number(findings.max_score if findings is not None else None),

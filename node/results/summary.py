@@ -2,8 +2,9 @@
 output. Sent as an RGB Secondary Capture (first image of the overlay series) and kept as a PNG.
 
 Layout, top to bottom: a red banner "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"; the figures in large type
-(anomalous volume, regions, maximum score against threshold); model, version and source series; a row of
-key slices (largest findings, or mid-brain slices when nothing is found) with captions; the colour legend.
+(anomalous volume, regions, maximum score against threshold, and in small type where the threshold comes from);
+model, version and source series; a row of key slices (largest findings, or mid-brain slices when nothing is
+found) with captions; the colour legend.
 """
 
 from __future__ import annotations
@@ -135,12 +136,12 @@ def _figures(
     else:
         headline, colour = "No voxel above the anomaly threshold", CLEAR
     draw.text((GAP, 12), fit(headline, font(40), WIDTH - 2 * GAP), fill=colour, font=font(40))
-    draw.text(
-        (GAP, 66),
-        f"Maximum score {findings.max_score:.3g}   (threshold {findings.threshold:.3g})",
-        fill=TEXT,
-        font=font(28),
-    )
+    figures = f"Maximum score {findings.max_score:.3g}   (threshold {findings.threshold:.3g})"
+    draw.text((GAP, 66), figures, fill=TEXT, font=font(28))
+    if findings.calibration:  # where the threshold comes from, next to it
+        left = GAP + int(font(28).getlength(figures)) + GAP
+        text = fit(f"threshold: {findings.calibration}", font(20), WIDTH - GAP - left)
+        draw.text((left, 80), text, fill=MUTED, font=font(20), anchor="lm")
     source = by_uid[series.slice_sources[0].sop_instance_uid]
     name = str(source.get("SeriesDescription", "") or "unnamed series")
     number = source.get("SeriesNumber")

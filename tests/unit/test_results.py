@@ -400,6 +400,7 @@ def test_report_entries_and_atomic_write(tmp_path: Path) -> None:
         "reason": "selected: T1",
         "model": "cDDPM abc123",
         "threshold": 0.25,
+        "calibration": None,
         "anomaly_volume_ml": 0.002,
         "components": 1,
         "max_score": 0.42,
