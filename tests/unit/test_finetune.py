@@ -18,41 +18,20 @@ import SimpleITK as sitk
 import torch
 
 import models.training.run as run_module
-from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from models.data.volumes import TrainingVolume
 from models.diffusion.model import DiffusionModel
 from models.training.run import FINE_TUNING_LEARNING_RATE, run_training
-from models.training.trainer import InitFrom, StopAt, TrainingOptions, _step_generator, train
+from models.training.trainer import InitFrom, StopAt, TrainingOptions, _step_generator
 from node.cli import _parser, main
 from tests import brains
 from tests.tiny_model import TINY, write_fast_checkpoint
-from tests.unit.test_training import OPTIONS, Discs
+from tests.unit.test_training import OPTIONS, Discs, _train
 
 REPO = Path(__file__).resolve().parents[2]
 FINE = dataclasses.replace(OPTIONS, learning_rate=FINE_TUNING_LEARNING_RATE)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def _train(
-    out: Path,
-    steps: int,
-    options: TrainingOptions = OPTIONS,
-    init: InitFrom | None = None,
-    resume: Checkpoint | None = None,
-) -> Checkpoint:
-    torch.manual_seed(0)  # initial weights (overwritten by ``init``)
-    return train(
-        TINY,
-        Discs(),
-        options,
-        out,
-        StopAt(steps=steps),
-        {"source": "discs"},
-        resume=resume,
-        progress=lambda line: None,
-        device=torch.device("cpu"),
-        init=init,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from models.detector import AnomalyDetector
-from models.training.trainer import StopAt, TrainingOptions, train
+from models.training.trainer import InitFrom, StopAt, TrainingOptions, train
 from tests.tiny_model import SIZE, TINY
 
 OPTIONS = TrainingOptions(
@@ -45,8 +45,9 @@ def _train(
     resume: Checkpoint | None = None,
     snapshot_every: int | None = None,
     options: TrainingOptions = OPTIONS,
+    init: InitFrom | None = None,
 ) -> Checkpoint:
-    torch.manual_seed(0)  # initial weights
+    torch.manual_seed(0)  # initial weights (overwritten by ``init``)
     return train(
         TINY,
         Discs(),
@@ -58,6 +59,7 @@ def _train(
         progress=lambda line: None,
         device=torch.device("cpu"),
         snapshot_every=snapshot_every,
+        init=init,
     )
 
 
