@@ -33,7 +33,6 @@ FINE = dataclasses.replace(OPTIONS, learning_rate=FINE_TUNING_LEARNING_RATE)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained a little, in the shipped form: fp16 EMA weights, no training state, a threshold."""
