@@ -106,7 +106,7 @@ class Analyser:
         ``on_stage("inferring")`` is called before the model runs and ``on_stage("exporting")`` after it
         (the node's job states); whatever it raises ends the analysis there.
         """
-        from models.preprocessing import PreprocessingError, to_input_grid
+        from models.preprocessing import PreprocessingError, mask_to_input_grid, to_input_grid
 
         detector = self._detector(checkpoint)  # loading a model on first use is not a stage of this series
         timings: dict[str, float] = {}
@@ -142,9 +142,7 @@ class Analyser:
             self._refuse([problem], quality)
         on_stage("exporting")
         clock = time.perf_counter()
-        # The mask goes back as a partial-volume fraction and is cut at one half: smoother outlines on a
-        # finer input grid than nearest-neighbour blocks of 2 mm.
-        mask = sitk.GetArrayFromImage(to_input_grid(result.mask.astype(np.float32), prepared, "linear")) >= 0.5
+        mask = sitk.GetArrayFromImage(mask_to_input_grid(result.mask, prepared)) > 0
         score = sitk.GetArrayFromImage(to_input_grid(result.score, prepared, "linear")).astype(np.float32)
         name = f"cDDPM {detector.checkpoint.config.name}"
         findings = findings_from(

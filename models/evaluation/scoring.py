@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from models.anomaly_map import anomaly_score, segment
 from models.evaluation.baselines import Scorer
-from models.preprocessing import Preprocessed, Preprocessor, to_input_grid, to_model_grid
+from models.preprocessing import Preprocessed, Preprocessor, mask_to_input_grid, to_input_grid, to_model_grid
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,8 +63,7 @@ def score_volume(scorer: Scorer, volume: PreparedVolume) -> ScoredVolume:
 
 def native_mask(scored: ScoredVolume, threshold: float) -> sitk.Image:
     """The segmentation at ``threshold`` on the image's own grid (uint8 {0, 1}), exactly as the node's SEG."""
-    fraction = to_input_grid(segment(scored.score, threshold).astype(np.float32), scored.prepared, "linear")
-    return sitk.Cast(fraction >= 0.5, sitk.sitkUInt8)
+    return mask_to_input_grid(segment(scored.score, threshold), scored.prepared)
 
 
 def native_score(scored: ScoredVolume) -> sitk.Image:

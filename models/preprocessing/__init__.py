@@ -13,6 +13,7 @@ from models.preprocessing.pipeline import (
     Preprocessed,
     Preprocessor,
     atlas_to_model_grid,
+    mask_to_input_grid,
     to_input_grid,
     to_model_grid,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "PreprocessingError",
     "Preprocessor",
     "atlas_to_model_grid",
+    "mask_to_input_grid",
     "to_input_grid",
     "to_model_grid",
 ]
