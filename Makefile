@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench spm clean
 
 # Re-installs whenever pyproject.toml changes. torch==2.13.0 is the CPU wheel on local disk.
 $(STAMP): pyproject.toml
@@ -27,6 +27,11 @@ test: venv
 bench: venv
 	$(PY) tests/benchmarks/bench_receive.py
 	$(PY) tests/benchmarks/bench_preprocess.py
+
+# Optional training data (models/data/spm_templates.py): SPM's templates from PyPI spm-runtime (82 MB). Only its data
+# archive is read; --no-deps leaves out the MATLAB runtime installer it depends on, which nothing here runs.
+spm: venv
+	$(PY) -m pip install --quiet --no-deps spm-runtime==25.1.2.post4
 
 clean:
 	rm -rf $(VENV) uad-data demo-output .pytest_cache

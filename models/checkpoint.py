@@ -1,8 +1,9 @@
 """Checkpoint files: a model's weights with everything needed to trust and use them.
 
 A checkpoint carries its model configuration, the preprocessing version and model grid it was
-trained on (a model fed a differently preprocessed volume gives meaningless maps, so a mismatch is
-refused), a description of its training data and run, the calibrated anomaly threshold (for a
+trained on (a model fed a differently preprocessed volume gives meaningless maps, so it is always
+preprocessed with its own version, and a version this code no longer has is refused), a description of
+its training data and run, the calibrated anomaly threshold (for a
 site-calibrated file also the rule and figures that set it), the EMA weights used for inference and,
 for a run that can be resumed, the full training state. A SHA-256 over the metadata and every tensor
 is stored alongside and checked on load, so a truncated or edited file is an error rather than a
@@ -20,12 +21,15 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from models.diffusion.config import ModelConfig
-from models.preprocessing import PREPROCESSING_VERSION, ModelGridSpec
+from models.preprocessing import PREPROCESSING_VERSION, SUPPORTED_VERSIONS, ModelGridSpec, Preprocessor
+
+if TYPE_CHECKING:
+    from models.atlas import Atlas
 
 FORMAT = "uad-node-checkpoint"
 FORMAT_VERSION = 1
@@ -67,6 +71,11 @@ class Checkpoint:
     def contrast(self) -> str:
         """The contrast the model was trained on (t1, t2, flair): what it can judge. T1 when unrecorded."""
         return str(self.training.get("data", {}).get("contrast", "t1"))
+
+    def preprocessor(self, atlas: Atlas) -> Preprocessor:
+        """The preprocessing this model was trained with: its grid, its contrast's registration template and
+        its preprocessing version (a version-1 model keeps its clipping intensity scaling)."""
+        return Preprocessor(atlas, self.grid_spec, contrast=self.contrast, version=self.preprocessing_version)
 
     @property
     def calibration_label(self) -> str:
@@ -151,10 +160,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint is incomplete ({exc})") from exc
     if _content_hash(metadata, weights) != stored_hash:
         raise CheckpointError(f"{path}: checkpoint is corrupt (content hash mismatch)")
-    if metadata["preprocessing_version"] != PREPROCESSING_VERSION:
+    if metadata["preprocessing_version"] not in SUPPORTED_VERSIONS:
         raise CheckpointError(
             f"{path}: trained with preprocessing version {metadata['preprocessing_version']}, this node "
-            f"preprocesses with version {PREPROCESSING_VERSION}; retrain or use a matching release"
+            f"preprocesses with versions {', '.join(SUPPORTED_VERSIONS)}; retrain or use a matching release"
         )
     grid_spec = ModelGridSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in metadata["grid_spec"].items()})
     try:

@@ -41,6 +41,7 @@ from node.volume.assemble import Instance
 
 if TYPE_CHECKING:  # imported lazily at run time: torch and nilearn take seconds to import
     from models.atlas import Atlas
+    from models.checkpoint import Checkpoint
     from models.detector import AnomalyDetector
     from models.preprocessing import Preprocessor
     from models.quality.gate import QualityGate, QualityReport
@@ -93,7 +94,8 @@ class Analyser:
         self._results = results
         self._quality = quality or QualitySection()
         self._atlas: Atlas | None = None
-        self._preprocessors: dict[str, Preprocessor] = {}  # by the model's contrast (its registration template)
+        # by the model's contrast (its registration template) and preprocessing version (its intensity scaling)
+        self._preprocessors: dict[tuple[str, str], Preprocessor] = {}
         self._gate: QualityGate | None = None
         self._detectors: dict[Path, AnomalyDetector] = {}
         self._loading = threading.Lock()  # several job workers share one Analyser
@@ -124,7 +126,7 @@ class Analyser:
             raise AnalysisError(str(exc)) from exc
         lap("volume")
         contrast = detector.checkpoint.contrast
-        preprocessor, gate = self._prepare(contrast)
+        preprocessor, gate = self._prepare(detector.checkpoint)
         try:
             prepared = preprocessor(volume.image)
         except PreprocessingError as exc:
@@ -187,26 +189,26 @@ class Analyser:
 
     def load(self, checkpoint: Path) -> None:
         """Load the atlas and the model in ``checkpoint`` now rather than on first use; AnalysisError if unusable."""
-        self._prepare(self._detector(checkpoint).checkpoint.contrast)
+        self._prepare(self._detector(checkpoint).checkpoint)
 
     def _refuse(self, problems: list[str], quality: QualityReport) -> None:
         """Raise the gate's refusal (the measures go with it), unless the gate is off or had nothing to say."""
         if problems and self._quality.enabled:
             raise AnalysisError("quality gate: " + "; ".join(problems), quality=quality.as_dict())
 
-    def _prepare(self, contrast: str) -> tuple[Preprocessor, QualityGate]:
+    def _prepare(self, checkpoint: Checkpoint) -> tuple[Preprocessor, QualityGate]:
         from models.atlas import load_mni152_atlas
-        from models.preprocessing import Preprocessor
         from models.quality.gate import QualityGate
 
+        key = (checkpoint.contrast, checkpoint.preprocessing_version)
         with self._loading:
             if self._atlas is None:
                 self._atlas = load_mni152_atlas()
-            if contrast not in self._preprocessors:
-                self._preprocessors[contrast] = Preprocessor(self._atlas, contrast=contrast)
+            if key not in self._preprocessors:
+                self._preprocessors[key] = checkpoint.preprocessor(self._atlas)
             if self._gate is None:
-                self._gate = QualityGate(self._atlas, self._preprocessors[contrast].geometry)
-            return self._preprocessors[contrast], self._gate
+                self._gate = QualityGate(self._atlas, self._preprocessors[key].geometry)
+            return self._preprocessors[key], self._gate
 
     def _detector(self, checkpoint: Path) -> AnomalyDetector:
         from models.checkpoint import CheckpointError

@@ -209,7 +209,7 @@ def _config_check(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return 2
-    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    print(json.dumps(config.shown(), indent=2))  # secrets masked
     print(f"{args.file}: OK", file=sys.stderr)
     return 0
 
@@ -393,12 +393,11 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
 
     from models.atlas import load_mni152_atlas
     from models.checkpoint import CheckpointError, load_checkpoint
-    from models.data.volumes import DataError, default_cache_dir, healthy_volumes
+    from models.data.volumes import DataError, default_cache_dir
     from models.detector import AnomalyDetector
-    from models.evaluation.baselines import AtlasMeanBaseline, intensity_baseline
+    from models.evaluation.baselines import intensity_baseline, training_atlas_mean
     from models.evaluation.dataset_evaluation import Protocol, evaluate_dataset, format_dataset_table
     from models.evaluation.datasets import DatasetError
-    from models.preprocessing import Preprocessor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -408,15 +407,14 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
         model = AnomalyDetector(checkpoint)
         methods = [(f"cDDPM ({checkpoint.config.name})", model.residual)]
         if args.baselines:
-            training = [v.volume for v in healthy_volumes(args.data, args.cache or default_cache_dir())]
             methods += [
-                (f"atlas-mean ({len(training)} training brains)", AtlasMeanBaseline(training)),
+                training_atlas_mean(checkpoint, args.data, args.cache or default_cache_dir()),
                 ("intensity", intensity_baseline),
             ]
         evaluation = evaluate_dataset(
             args.dataset,
             methods,
-            Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast),
+            checkpoint.preprocessor(load_mni152_atlas()),
             Protocol(validation=args.validation, folds=args.folds, threshold=args.threshold, seed=args.seed),
             checkpoint=str(args.checkpoint),
             layout=args.layout,
@@ -447,7 +445,6 @@ def _calibrate(args: argparse.Namespace) -> int:
     from models.detector import AnomalyDetector
     from models.evaluation.calibration import calibrate, calibrated_checkpoint, calibration_text
     from models.evaluation.datasets import DatasetError
-    from models.preprocessing import Preprocessor
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -458,7 +455,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         calibration = calibrate(
             args.healthy,
             AnomalyDetector(checkpoint).residual,
-            Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast),
+            checkpoint.preprocessor(load_mni152_atlas()),
             max_fp_ml=args.max_fp_ml,
             quantile=args.quantile,
             lesions=args.lesions,

@@ -12,14 +12,18 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails
+from sqlalchemy.engine import make_url
 
 from models.quality import QualityThresholds
 from node.jobs.config import CompletionSection, JobsSection, RetentionSection
 from node.selection import SelectionSection
 from node.uids import check_uids
+
+SECRET = "***"  # what a secret reads as wherever the config is shown
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
@@ -158,16 +162,60 @@ class TlsSection(_Section):
         return self
 
 
+_DIMSE_KEYS = ("ae_title", "host", "port", "tls")
+_DICOMWEB_KEYS = ("url", "headers")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token
+
+
 class Destination(_Section):
-    """A DICOM peer that receives results (PACS, viewer, router)."""
+    """A peer that receives results (PACS, viewer, router): over DIMSE (C-STORE) or DICOMweb (STOW-RS).
+
+    ``type = "dimse"`` (the default, so older files keep working) needs ``ae_title``, ``host`` and ``port``;
+    ``type = "dicomweb"`` needs an http(s) ``url`` (the DICOMweb root: the node POSTs to ``{url}/studies``)
+    and may add HTTP ``headers`` such as ``Authorization``. Keys of the other type are errors (usually a
+    type left at its default)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
-    host: str
-    port: Port
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: str = ""
+    host: str = ""
+    port: Port | None = None
     tls: bool = False
+    url: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
 
-    _check_ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _check_ae_title(value) if value.strip() else ""
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> Destination:
+        given = self.model_fields_set
+        if self.type == "dimse":
+            missing = [key for key in ("ae_title", "host", "port") if not getattr(self, key)]
+            if missing:  # reported at each key, as when these keys were simply required
+                errors = [InitErrorDetails(type="missing", loc=(key,), input=self.name) for key in missing]
+                raise ValidationError.from_exception_data("Destination", errors)
+            stray = [key for key in _DICOMWEB_KEYS if key in given]
+            if stray:
+                raise ValueError(f"destination {self.name!r} (type dimse): {', '.join(stray)} belong to type dicomweb")
+            return self
+        stray = [key for key in _DIMSE_KEYS if key in given]
+        if stray:
+            raise ValueError(f"destination {self.name!r} (type dicomweb): {', '.join(stray)} belong to type dimse")
+        if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", self.url):
+            raise ValueError(f"destination {self.name!r} (type dicomweb) needs an http:// or https:// url")
+        for key, value in self.headers.items():
+            if not _HEADER_NAME.fullmatch(key) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+                raise ValueError(f"destination {self.name!r}: header {key!r} has an invalid name or value")
+        return self
+
+    def where(self) -> str:
+        """Where results go, for logs: ``AE@host:port`` or the URL without credentials (headers never shown)."""
+        if self.type == "dicomweb":
+            return re.sub(r"^(https?://)[^/@]*@", r"\1", self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
 
 
 class ResultsSection(_Section):
@@ -254,6 +302,32 @@ class LoggingSection(_Section):
     log_patient_data: bool = False
 
 
+class WebSection(_Section):
+    """The HTTP interface inside ``serve``: health, readiness, Prometheus metrics, the status page, and the
+    write actions (job retry/cancel, STOW-RS) for holders of the bearer token."""
+
+    enabled: bool = Field(False, description="true starts the HTTP interface with serve")
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    token: str = Field("", description="bearer token for write actions; empty = write actions are disabled")
+    https: bool = Field(False, description="serve HTTPS with the [tls] certificate and private key")
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("host must not be empty (127.0.0.1 = this machine only, 0.0.0.0 = every interface)")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: str) -> str:
+        if value != value.strip():
+            raise ValueError("token must not start or end with spaces (they are easily lost in an HTTP header)")
+        return value
+
+
 class NodeConfig(_Section):
     """The whole config file."""
 
@@ -268,6 +342,23 @@ class NodeConfig(_Section):
     jobs: JobsSection = Field(default_factory=JobsSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    web: WebSection = Field(default_factory=WebSection)
+
+    @model_validator(mode="after")
+    def _check_web(self) -> NodeConfig:
+        web = self.web
+        if not web.enabled:
+            return self
+        if web.https:
+            for name in ("certificate", "private_key"):
+                path = getattr(self.tls, name)
+                if path is None:
+                    raise ValueError(f"web.https = true needs tls.{name} (HTTPS reuses the [tls] certificate and key)")
+                if not path.is_file():
+                    raise ValueError(f"web.https = true: tls.{name} file {str(path)!r} does not exist")
+        if web.port == self.node.port and web.host == self.node.host:
+            raise ValueError(f"web.port {web.port} is the DICOM port node.port: they must differ")
+        return self
 
     @field_validator("destinations")
     @classmethod
@@ -277,6 +368,18 @@ class NodeConfig(_Section):
         if dupes:
             raise ValueError(f"destination names must be unique: {dupes}")
         return destinations
+
+    def shown(self) -> dict[str, Any]:
+        """The effective config as JSON-ready data with its secrets replaced by "***" (the web token, destination
+        header values, the database password): what ``config check`` prints and a log may hold."""
+        data = self.model_dump(mode="json")
+        if data["web"]["token"]:
+            data["web"]["token"] = SECRET
+        for destination in data["destinations"]:
+            destination["headers"] = dict.fromkeys(destination.get("headers") or {}, SECRET)
+        if self.node.database_url:
+            data["node"]["database_url"] = make_url(self.node.database_url).render_as_string(hide_password=True)
+        return data
 
 
 class ConfigError(Exception):

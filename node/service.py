@@ -1,4 +1,5 @@
-"""The node as a running service: the receiver and the job scheduler over one database, until told to stop.
+"""The node as a running service: the receiver, the job scheduler and (with ``[web] enabled``) the HTTP
+interface over one database, until told to stop.
 
 ``uad-node serve`` runs it on the main thread until SIGTERM; ``uad-node demo`` runs it on a thread.
 """
@@ -7,11 +8,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.config import NodeConfig
-from node.db.database import open_database
+from node.db.database import Database, open_database
+
+if TYPE_CHECKING:
+    from node.jobs.scheduler import JobScheduler
+    from node.receiver import Receiver
+    from node.web.metrics import NodeMetrics
+    from node.web.server import WebServer
 
 log = logging.getLogger("node")
 
@@ -31,7 +39,8 @@ def configure_logging(level: str | int, handler: logging.Handler) -> None:
 
 
 def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event | None = None) -> int:
-    """The receiver and the job scheduler until ``stop`` is set (``serve``, and the demo in-process)."""
+    """The receiver, the job scheduler and the HTTP interface until ``stop`` is set (``serve``, and the demo
+    in-process)."""
     from node.jobs.scheduler import JobScheduler
     from node.receiver import Receiver
 
@@ -41,20 +50,62 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
     except (OSError, SQLAlchemyError) as exc:
         log.error("cannot open data directory or database: %s", exc)
         return 1
-    receiver = Receiver(config=config, db=db)
+    metrics = _metrics(config, db) if config.web.enabled else None
+    receiver = Receiver(config=config, db=db, observer=metrics)
+    scheduler = JobScheduler(config, db, observer=metrics)
+    web = None
+    if metrics is not None:  # first, so /readyz answers 503 while the rest starts and the models load
+        try:
+            web = _start_web(config, db, receiver, scheduler, metrics)
+        except OSError as exc:
+            log.error("cannot serve HTTP on %s:%d: %s", config.web.host, config.web.port, exc.strerror or exc)
+            db.close()
+            return 1
     try:
         receiver.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror or exc)
+        if web is not None:
+            web.stop()
         db.close()
         return 1
-    scheduler = JobScheduler(config, db)
     scheduler.start()
     if started is not None:
         started.set()
     stop.wait()
     log.info("stopping: no new associations; finishing stores in flight and the running job stage")
     receiver.stop()
+    if web is not None:  # after the receiver, before the database: STOW-RS requests in flight finish
+        web.stop()
     scheduler.stop()
     db.close()
     return 0
+
+
+def _metrics(config: NodeConfig, db: Database) -> NodeMetrics:
+    from node.web.metrics import NodeMetrics
+    from node.web.queries import job_counts
+
+    return NodeMetrics(lambda: job_counts(db), config.node.data_dir)
+
+
+def _start_web(
+    config: NodeConfig, db: Database, receiver: Receiver, scheduler: JobScheduler, metrics: NodeMetrics
+) -> WebServer:
+    """The HTTP interface over the running parts (imported here: serve without [web] never loads uvicorn)."""
+    from node.dicomweb.stow_rs import StowReceiver
+    from node.web.app import create_app
+    from node.web.health import ReadinessChecks
+    from node.web.server import WebServer
+
+    checks = ReadinessChecks(
+        listening=lambda: receiver.listening, db=db, models=lambda: dict(scheduler.model_states), node=config.node
+    )
+    if not config.web.token:
+        log.info("HTTP interface: no [web] token, so job retry/cancel and STOW-RS are disabled")
+    # STOW-RS shares the C-STORE receiver's store: its per-UID locks, disk floor and shutdown refusal.
+    stow = StowReceiver(config, receiver.store, db, observer=metrics)
+    app = create_app(config, db, checks, metrics, stow=stow)
+    server = WebServer(app, config)
+    server.start()
+    return server

@@ -2,22 +2,25 @@
 
 With a handful of healthy brains the model otherwise memorises them. Spatially, one resampling applies
 a random affine (what registration leaves behind) and a smooth elastic displacement (anatomical
-variation) to the image, brain mask and tissue maps together. Then the intensities get what scanners
-and sites vary in: contrast (optionally synthesised from the tissue maps), bias field, gamma, blur,
-ghosting and Rician noise. Last, the preprocessing's own percentile normalisation inside the mask, so
-an augmented volume is indistinguishable in range and background from a real preprocessed one.
+variation) to the image, brain mask and tissue maps together. A synthetic sample (always when the volume
+was not acquired in the model's contrast, sometimes otherwise) then gets a new anatomy (models/data/anatomy.py)
+and is painted from its tissue maps (models/data/synthesis.py). Then the intensities get what scanners and
+sites vary in: bias field, gamma, blur, ghosting and Rician noise. Last, the preprocessing's own intensity
+scaling inside the mask (the version the volume was preprocessed with), so an augmented volume is
+indistinguishable in range and background from a real preprocessed one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.data.anatomy import AnatomyConfig, random_anatomy
 from models.data.synthesis import CONTRASTS, Contrast, synthesise_contrast
 from models.data.volumes import TrainingVolume
 from models.preprocessing.intensity import normalise
@@ -42,25 +45,31 @@ class AugmentConfig:
     ghosting_probability: float = 0.15  # chance of a phase-encode ghost (motion, pulsation)
     ghosting_intensity: tuple[float, float] = (0.03, 0.15)  # ghost amplitude relative to the image
     noise_std: tuple[float, float] = (0.0, 0.03)  # Rician noise sigma range, relative to the brightest tissue
-    synthetic_probability: float = 0.3  # chance a T1 sample is synthesised from tissue maps (t2/flair: always)
+    synthetic_probability: float = 0.3  # chance a volume of the model's own contrast is painted anyway
+    anatomy_probability: float = 0.8  # chance a synthetic sample gets a new anatomy before it is painted
+    anatomy: AnatomyConfig = field(default_factory=AnatomyConfig)
 
 
 def augment_volume(
     volume: TrainingVolume, config: AugmentConfig, generator: torch.Generator, contrast: str = "t1"
 ) -> tuple[Tensor, Tensor]:
-    """A random variant of ``volume``: (image (D, H, W) float32 in [0, 1], 0 outside the mask; mask bool).
+    """A random ``contrast`` sample made from ``volume``: (image (D, H, W) float32 in [0, 1], 0 outside the mask;
+    mask bool).
 
-    A pure function of the generator's state: the same seed gives the same sample. ``contrast`` other
-    than "t1" needs the volume's tissue maps (every such sample is synthetic).
+    A pure function of the generator's state: the same seed gives the same sample. A volume not acquired in
+    ``contrast`` needs its tissue maps (every sample of it is synthetic).
     """
     if contrast not in CONTRASTS:
         raise ValueError(f"unknown contrast {contrast!r}; expected one of {', '.join(CONTRASTS)}")
-    if contrast != "t1" and volume.tissue is None:
+    own = volume.contrast == contrast
+    if not own and volume.tissue is None:
         raise ValueError(f"{volume.name}: a {contrast} sample is synthesised from tissue maps, and it has none")
     image, mask, tissue = _warp(volume, config, generator)
-    synthetic = contrast != "t1" or (tissue is not None and _chance(config.synthetic_probability, generator))
+    synthetic = not own or (tissue is not None and _chance(config.synthetic_probability, generator))
     if synthetic:
-        assert tissue is not None  # checked above for t2/flair; drawn only with tissue for t1
+        assert tissue is not None  # checked above for other contrasts; drawn only with tissue for its own
+        if _chance(config.anatomy_probability, generator):
+            tissue, mask = random_anatomy(tissue, mask, config.anatomy, generator)
         image = synthesise_contrast(tissue, cast(Contrast, contrast), generator)
     image = image * _bias_field(image.shape, config.bias_field, generator)
     image = _gamma(image, mask, config.gamma, generator)
@@ -70,7 +79,8 @@ def augment_volume(
         image = _ghost(image, config.ghosting_intensity, generator)
     image = _rician_noise(image, config.noise_std, generator)
     mask_array = mask.numpy()
-    normalised = normalise(image.numpy(), mask_array)  # the preprocessing's own scaling, exactly
+    # the preprocessing's own scaling, exactly
+    normalised = normalise(image.numpy(), mask_array, volume.scaling, contrast)
     return torch.from_numpy(normalised), mask
 
 

@@ -35,7 +35,7 @@ class PooledVolume:
 class SliceSampler:
     """Slices from a pool of augmented volumes; ``batch(step)`` depends only on (seed, step, batch size).
 
-    ``augment=None`` trains on the real volumes as they are (T1 only: other contrasts are synthetic).
+    ``augment=None`` trains on the volumes acquired in ``contrast`` as they are (others are only painted).
     Validation batches use their own seed stream ("validation" instead of "training" in every derived
     seed), so they are built from augmented volumes no training step sees (with ``augment=None``, from
     the same real volumes, the only ones there are), and do not change as training goes on.
@@ -55,8 +55,10 @@ class SliceSampler:
             raise ValueError("no training volumes")
         if contrast not in CONTRASTS:
             raise ValueError(f"unknown contrast {contrast!r}; expected one of {', '.join(CONTRASTS)}")
-        if augment is None and contrast != "t1":
-            raise ValueError(f"{contrast} slices are synthesised by augmentation; augment=None gives only T1")
+        if augment is None:  # only the images acquired in the contrast, as they are
+            volumes = [volume for volume in volumes if volume.contrast == contrast]
+            if not volumes:
+                raise ValueError(f"no {contrast} images to train on without augmentation (it synthesises them)")
         if pool_size < 1 or refresh_every < 1:
             raise ValueError(f"pool_size and refresh_every must be >= 1, got {pool_size} and {refresh_every}")
         self._volumes = volumes

@@ -3,17 +3,23 @@
 Training must see volumes exactly as inference does, so every source goes through the same
 ``Preprocessor``; that costs ~6 s a volume, so each result is kept as one ``.npz`` in a cache folder,
 keyed by what it was made from (the file bytes, or the loader name for the offline brains), the
-preprocessing version and the model grid. A stale cache can therefore never be picked up.
+preprocessing version, the registration contrast and the model grid. A stale cache can therefore never
+be picked up.
 
 Tissue probabilities (CSF, GM, WM) come with each volume so augmentation can synthesise other
-contrasts from the anatomy. For the MNI152 template they are its own probability templates; for
-everything else they are a 3-class Gaussian mixture of the intensities inside the brain, and the
-classes are named by their overlap with the MNI152 tissue templates on the model grid (which is in
-atlas space) rather than by brightness, so a site's T2 or FLAIR scans get the right labels too.
+contrasts and new anatomies from it. For the MNI152 template and SPM's tissue probability maps they are
+the maps themselves; for everything else they are a 3-class Gaussian mixture of the intensities inside
+the brain, and the classes are named by their overlap with the MNI152 tissue templates on the model grid
+(which is in atlas space) rather than by brightness, so a T2, PD or FLAIR scan gets the right labels too.
+
+Each volume records the contrast its image was acquired in (None for SPM's tissue maps, which have no
+image of their own): a model trains on the real images of its own contrast, and on images painted from
+the tissue maps of all of them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -21,11 +27,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
-from models.data import brains
+from models.data import brains, spm_templates
 from models.preprocessing import (
     PREPROCESSING_VERSION,
     ModelGeometry,
@@ -34,13 +41,18 @@ from models.preprocessing import (
     atlas_to_model_grid,
     to_model_grid,
 )
+from models.preprocessing.intensity import normalise
+
+if TYPE_CHECKING:
+    from models.atlas import Atlas
 
 # Bump when the tissue maps or the cache layout change (the preprocessing has its own version).
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 TISSUE_CLASSES = ("csf", "gm", "wm")
 # How much the atlas tissue priors are flattened towards uniform: affine registration leaves them blurry.
 PRIOR_SOFTENING = 0.3
+PAINTED_T1 = (0.25, 0.62, 0.92)  # CSF, GM, WM: mid-range T1 levels (models/data/synthesis.py) for tissue-only maps
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,6 +63,8 @@ class TrainingVolume:
     volume: np.ndarray  # (50, 96, 96) float32 in [0, 1], 0 outside the brain
     brain_mask: np.ndarray  # bool, same shape
     tissue: np.ndarray | None  # (3, 50, 96, 96) float32 probabilities CSF, GM, WM; 0 outside the brain
+    contrast: str | None = "t1"  # what ``volume`` was acquired in (t1, t2, flair, pd); None: painted, not acquired
+    scaling: str = PREPROCESSING_VERSION  # the preprocessing version whose intensity scaling ``volume`` has
 
 
 class DataError(ValueError):
@@ -65,30 +79,54 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "uad-node"
 
 
-def healthy_volumes(data: str, cache_dir: Path) -> list[TrainingVolume]:
-    """``data`` = "offline" (MNI152 and the ITK head; never Colin27) or a folder of NIfTI files / DICOM series."""
+def healthy_volumes(
+    data: str, cache_dir: Path, contrast: str = "t1", version: str = PREPROCESSING_VERSION
+) -> list[TrainingVolume]:
+    """``data`` = "offline" (the public brains; never Colin27) or a folder of NIfTI files / DICOM series, all
+    scans of ``contrast``; preprocessed with preprocessing ``version`` (the current one, or a fine-tuned
+    checkpoint's own)."""
     from models.atlas import load_mni152_atlas  # nilearn is slow to import
 
-    preprocessor = Preprocessor(load_mni152_atlas())
+    atlas = load_mni152_atlas()
     if data == OFFLINE:
-        return offline_volumes(preprocessor, cache_dir)
-    return folder_volumes(Path(data), preprocessor, cache_dir)
+        return offline_volumes(atlas, cache_dir, version, spm_templates.spm_archive())
+    return folder_volumes(Path(data), Preprocessor(atlas, contrast=contrast, version=version), cache_dir, contrast)
 
 
-def offline_volumes(preprocessor: Preprocessor, cache_dir: Path) -> list[TrainingVolume]:
-    """The offline T1 brains that may be trained on: the MNI152 template and the ITK head. Never Colin27.
+def offline_volumes(
+    atlas: Atlas, cache_dir: Path, version: str = PREPROCESSING_VERSION, spm_archive: Path | None = None
+) -> list[TrainingVolume]:
+    """The public brains that may be trained on. Never Colin27.
 
-    Only two real brains exist offline; augmentation multiplies them. A missing Debian package raises
-    FileNotFoundError saying which to install, rather than silently training on fewer brains.
+    Always: the MNI152 2009 template (nilearn) and the ITK head (Debian). With SPM's archive (``make spm``
+    installs spm-runtime, whose archive ``spm_templates.spm_archive()`` finds; models/data/spm_templates.py)
+    also SPM's avg152 T1/T2/PD and avg305 T1 averages and its tissue probability maps. A missing Debian
+    package raises FileNotFoundError saying which to install, rather than silently training on fewer
+    brains; which brains a run used is in its checkpoint.
     """
-    return [
-        _cached(cache_dir, "mni152", b"loader:mni152_t1", preprocessor, _mni152),
-        _cached(cache_dir, "itk_head", b"loader:itk_head", preprocessor, _itk_head),
+    t1 = Preprocessor(atlas, version=version)
+    volumes = [
+        _cached(cache_dir, "mni152", b"loader:mni152_t1", t1, _mni152),
+        _cached(cache_dir, "itk_head", b"loader:itk_head", t1, _itk_head),
     ]
+    archive = spm_archive
+    if archive is None:
+        return volumes
+    for image in spm_templates.SPM_IMAGES:
+        preprocessor = Preprocessor(atlas, contrast=_registration_contrast(image.contrast), version=version)
+        source = spm_templates.fingerprint(archive, image.member)
+        build = functools.partial(_spm_image, archive, image)
+        volumes.append(_cached(cache_dir, image.name, source, preprocessor, build))
+    tissue_source = spm_templates.fingerprint(archive, spm_templates.TPM)
+    volumes.append(_cached(cache_dir, "spm_tpm", tissue_source, t1, functools.partial(_spm_tissue, archive)))
+    return volumes
 
 
-def folder_volumes(folder: Path, preprocessor: Preprocessor, cache_dir: Path) -> list[TrainingVolume]:
-    """A site's healthy scans: NIfTI, MHA/MHD and NRRD files, and DICOM series (one volume per series).
+def folder_volumes(
+    folder: Path, preprocessor: Preprocessor, cache_dir: Path, contrast: str = "t1"
+) -> list[TrainingVolume]:
+    """A site's healthy scans of ``contrast``: NIfTI, MHA/MHD and NRRD files, and DICOM series (one volume per
+    series).
 
     The folder is searched recursively; other files (sidecars, notes) are ignored, except ``.dcm`` files
     that belong to no readable series. Raises DataError for an empty folder, an unreadable file, or a
@@ -99,7 +137,15 @@ def folder_volumes(folder: Path, preprocessor: Preprocessor, cache_dir: Path) ->
     sources = find_sources(folder)
     if not sources:
         raise DataError(f"{folder}: no NIfTI, MHA, NRRD or DICOM series found")
-    return [_cached(cache_dir, source.name, source.fingerprint(), preprocessor, source.build) for source in sources]
+    return [
+        _cached(cache_dir, source.name, source.fingerprint(), preprocessor, functools.partial(source.build, contrast))
+        for source in sources
+    ]
+
+
+def _registration_contrast(contrast: str) -> str:
+    """PD registers best to the T2 template (CSF bright, WM darkest, as on T2)."""
+    return "t2" if contrast == "pd" else contrast
 
 
 # --- sources ---------------------------------------------------------------------------------------------
@@ -119,14 +165,14 @@ class ImageSource:
             digest.update(path.read_bytes())
         return digest.digest()
 
-    def build(self, preprocessor: Preprocessor) -> TrainingVolume:
+    def build(self, contrast: str, preprocessor: Preprocessor) -> TrainingVolume:
         image = self.read()
         try:
             prepared = preprocessor(image)
         except PreprocessingError as error:
             raise DataError(f"{self.name}: preprocessing failed: {error}") from error
         tissue = clustered_tissue(prepared.volume, prepared.brain_mask, atlas_priors(prepared.geometry))
-        return TrainingVolume(self.name, prepared.volume, prepared.brain_mask, tissue)
+        return TrainingVolume(self.name, prepared.volume, prepared.brain_mask, tissue, contrast, preprocessor.version)
 
     def read(self) -> sitk.Image:
         """The volume as SimpleITK reads it; DataError naming the source when it cannot be read."""
@@ -175,14 +221,41 @@ def _mni152(preprocessor: Preprocessor) -> TrainingVolume:
     grey = to_model_grid(brains.mni152_grey_matter(), prepared, "linear")
     white = to_model_grid(brains.mni152_white_matter(), prepared, "linear")
     tissue = _tissue_from_maps(grey, white, prepared.brain_mask)
-    return TrainingVolume("mni152", prepared.volume, prepared.brain_mask, tissue)
+    return TrainingVolume("mni152", prepared.volume, prepared.brain_mask, tissue, "t1", preprocessor.version)
 
 
 def _itk_head(preprocessor: Preprocessor) -> TrainingVolume:
     """The ITK head: its k-means labels cover the whole head, so the tissue is clustered here instead."""
-    prepared = preprocessor(brains.itk_head())
+    return _clustered("itk_head", brains.itk_head(), "t1", preprocessor)
+
+
+def _spm_image(archive: Path, image: spm_templates.SpmImage, preprocessor: Preprocessor) -> TrainingVolume:
+    """An SPM average (whole head, 2 mm) through the preprocessing, its tissue clustered from its intensities."""
+    return _clustered(image.name, spm_templates.read_image(archive, image.member), image.contrast, preprocessor)
+
+
+def _spm_tissue(archive: Path, preprocessor: Preprocessor) -> TrainingVolume:
+    """SPM's tissue probability maps on the model grid (they are in MNI space, as the grid is): anatomy only.
+
+    The image is a T1 painted at the atlas's T1-like tissue levels, for whatever needs a picture of it (the
+    atlas-mean baseline does not: it averages acquired images); training always paints it anew.
+    """
+    maps = spm_templates.tissue_maps(archive)
+    geometry = preprocessor.geometry
+    grey, white, csf = (atlas_to_model_grid(maps[name], geometry) for name in ("gm", "wm", "csf"))
+    brain = (grey + white + csf) >= 0.5
+    tissue = np.stack([csf, grey, white])
+    tissue /= tissue.sum(axis=0, keepdims=True).clip(min=1e-6)
+    tissue[:, ~brain] = 0.0
+    painted = np.einsum("c,cdhw->dhw", np.asarray(PAINTED_T1, dtype=np.float32), tissue)
+    volume = normalise(painted, brain, preprocessor.version)
+    return TrainingVolume("spm_tpm", volume, brain, tissue.astype(np.float32), None, preprocessor.version)
+
+
+def _clustered(name: str, image: sitk.Image, contrast: str, preprocessor: Preprocessor) -> TrainingVolume:
+    prepared = preprocessor(image)
     tissue = clustered_tissue(prepared.volume, prepared.brain_mask, atlas_priors(prepared.geometry))
-    return TrainingVolume("itk_head", prepared.volume, prepared.brain_mask, tissue)
+    return TrainingVolume(name, prepared.volume, prepared.brain_mask, tissue, contrast, preprocessor.version)
 
 
 # --- tissue ----------------------------------------------------------------------------------------------
@@ -238,15 +311,14 @@ def _tissue_from_maps(grey: np.ndarray, white: np.ndarray, brain_mask: np.ndarra
 # --- cache -----------------------------------------------------------------------------------------------
 
 
-def cache_key(source: bytes, geometry: ModelGeometry) -> str:
-    """What a cached volume depends on: its source, the preprocessing version and the model grid.
-
-    The grid enters as the ``ModelGeometry`` the preprocessor derived from its ``ModelGridSpec`` and atlas.
-    """
+def cache_key(source: bytes, preprocessor: Preprocessor) -> str:
+    """What a cached volume depends on: its source, the preprocessing version, the registration template
+    and the model grid (the ``ModelGeometry`` the preprocessor derived from its ``ModelGridSpec`` and atlas)."""
     digest = hashlib.sha256()
-    for part in (b"uad-training-volume", CACHE_VERSION.encode(), PREPROCESSING_VERSION.encode()):
-        digest.update(part + b"\0")
-    digest.update(repr(geometry).encode() + b"\0")
+    for part in (b"uad-training-volume", CACHE_VERSION, preprocessor.version, preprocessor.contrast):
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    digest.update(repr(preprocessor.geometry).encode() + b"\0")
     digest.update(source)
     return digest.hexdigest()[:24]
 
@@ -259,16 +331,18 @@ def _cached(
     build: Callable[[Preprocessor], TrainingVolume],
 ) -> TrainingVolume:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[-80:]
-    path = cache_dir / f"{stem}-{cache_key(source, preprocessor.geometry)}.npz"
+    path = cache_dir / f"{stem}-{cache_key(source, preprocessor)}.npz"
     if path.is_file():
         try:
             with np.load(path) as stored:
-                tissue = stored["tissue"]
+                tissue, contrast = stored["tissue"], str(stored["contrast"])
                 return TrainingVolume(
                     name=name,
                     volume=stored["volume"],
                     brain_mask=stored["brain_mask"],
                     tissue=tissue if tissue.size else None,
+                    contrast=contrast or None,
+                    scaling=preprocessor.version,
                 )
         except (OSError, KeyError, ValueError):
             pass  # a damaged cache entry is rebuilt below
@@ -284,7 +358,13 @@ def _store(path: Path, volume: TrainingVolume) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            np.savez_compressed(file, volume=volume.volume, brain_mask=volume.brain_mask, tissue=tissue)
+            np.savez_compressed(
+                file,
+                volume=volume.volume,
+                brain_mask=volume.brain_mask,
+                tissue=tissue,
+                contrast=np.str_(volume.contrast or ""),
+            )
         os.chmod(temporary, 0o644)  # mkstemp makes it private; the cache is no secret
         os.replace(temporary, path)
     except BaseException:

@@ -2,8 +2,10 @@
 
 Every method goes through the same post-processing and the same threshold search on the validation
 cases (models/evaluation/harness.py), so the table compares what each method's residual is worth.
-The atlas-mean baseline averages the *training* brains of the evaluated model (the unaugmented
-volumes of ``--data``), which is exactly the knowledge a model trained on them could have.
+The checkpoint decides the evaluation set: Colin27 in its contrast, every case scaled with its preprocessing
+version (models/evaluation/cases.py). The atlas-mean baseline averages the *training* brains of the evaluated
+model (the unaugmented volumes of ``--data``; models/evaluation/baselines.py), which is exactly the knowledge a
+model trained on them could have.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.checkpoint import Checkpoint, save_checkpoint
-from models.data.volumes import healthy_volumes
 from models.detector import AnomalyDetector
-from models.evaluation.baselines import AtlasMeanBaseline, Scorer, intensity_baseline
-from models.evaluation.cases import EvaluationSet, build_evaluation_set, colin27_model_grid
+from models.evaluation.baselines import Scorer, intensity_baseline, training_atlas_mean
+from models.evaluation.cases import EvaluationSet, build_evaluation_set, evaluation_brain
 from models.evaluation.harness import MethodResult, evaluate_method, results_json
+from models.preprocessing import ModelGridSpec
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,35 @@ class EvaluationSize:
     seed: int = 0
 
 
-def evaluation_set(size: EvaluationSize, cache_dir: Path) -> EvaluationSet:
-    """Colin27 (never trained on, never the atlas) on the model grid, with simulated lesions."""
+def evaluation_set(
+    size: EvaluationSize, cache_dir: Path, *, contrast: str, version: str, spec: ModelGridSpec | None = None
+) -> EvaluationSet:
+    """Colin27 (never trained on, never the atlas) on the model grid in ``contrast``, with simulated lesions,
+    scaled by preprocessing ``version``: what a model of that contrast and version is evaluated on."""
     from models.atlas import load_mni152_atlas
     from models.preprocessing import Preprocessor
 
-    volume, brain_mask = colin27_model_grid(Preprocessor(load_mni152_atlas()), cache_dir)
+    brain = evaluation_brain(Preprocessor(load_mni152_atlas(), spec, contrast="t1"), cache_dir, contrast)
     return build_evaluation_set(
-        volume, brain_mask, seed=size.seed, validation=size.validation, test=size.test, healthy=size.healthy
+        brain.volume,
+        brain.brain_mask,
+        seed=size.seed,
+        validation=size.validation,
+        test=size.test,
+        healthy=size.healthy,
+        contrast=contrast,
+        version=version,
+    )
+
+
+def checkpoint_evaluation_set(checkpoint: Checkpoint, size: EvaluationSize, cache_dir: Path) -> EvaluationSet:
+    """The evaluation set ``checkpoint`` decides: its contrast, its preprocessing version, its grid."""
+    return evaluation_set(
+        size,
+        cache_dir,
+        contrast=checkpoint.contrast,
+        version=checkpoint.preprocessing_version,
+        spec=checkpoint.grid_spec,
     )
 
 
@@ -51,16 +74,20 @@ def run_evaluation(
 ) -> list[MethodResult]:
     """The model, the unconditioned DDPM (when given), atlas-mean and intensity baselines, in that order.
 
-    ``timesteps`` replaces both diffusion models' noise ensemble (an inference-time ablation)."""
-    evaluation = evaluation_set(size, cache_dir)
-    training = [v.volume for v in healthy_volumes(data, cache_dir)]
+    ``timesteps`` replaces both diffusion models' noise ensemble (an inference-time ablation). The set is
+    the one ``checkpoint`` decides; ``unconditioned`` must share its contrast, preprocessing version and grid
+    (ValueError otherwise), or it would be judged on cases scaled for another model."""
+    if unconditioned is not None:
+        _check_comparable(checkpoint, unconditioned)
+    evaluation = checkpoint_evaluation_set(checkpoint, size, cache_dir)
+    atlas_name, atlas_mean = training_atlas_mean(checkpoint, data, cache_dir)
     model = AnomalyDetector(checkpoint, timesteps=timesteps)
     methods: list[tuple[str, Scorer]] = [(f"cDDPM ({checkpoint.config.name}) t={_ts(model)}", model.residual)]
     if unconditioned is not None:
         plain = AnomalyDetector(unconditioned, timesteps=timesteps)
         methods.append((f"DDPM ({unconditioned.config.name}) t={_ts(plain)}", plain.residual))
     methods += [
-        (f"atlas-mean ({len(training)} training brains)", AtlasMeanBaseline(training)),
+        (atlas_name, atlas_mean),
         ("intensity", intensity_baseline),
     ]
     results = []
@@ -92,6 +119,16 @@ def ship(
         grid_spec=checkpoint.grid_spec,
     )
     return save_checkpoint(shipped, out, half=True)
+
+
+def _check_comparable(checkpoint: Checkpoint, other: Checkpoint) -> None:
+    mine = (checkpoint.contrast, checkpoint.preprocessing_version, checkpoint.grid_spec)
+    theirs = (other.contrast, other.preprocessing_version, other.grid_spec)
+    if mine != theirs:
+        raise ValueError(
+            f"the unconditioned model (contrast, preprocessing version, grid) {theirs} differs from the model's "
+            f"{mine}: they would not be evaluated on the same cases"
+        )
 
 
 def _ts(detector: AnomalyDetector) -> str:

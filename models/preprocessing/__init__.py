@@ -10,6 +10,7 @@ from models.preprocessing.grid import Grid, Interpolation
 from models.preprocessing.model_grid import ModelGeometry, ModelGridSpec
 from models.preprocessing.pipeline import (
     PREPROCESSING_VERSION,
+    SUPPORTED_VERSIONS,
     Preprocessed,
     Preprocessor,
     atlas_to_model_grid,
@@ -20,6 +21,7 @@ from models.preprocessing.pipeline import (
 
 __all__ = [
     "PREPROCESSING_VERSION",
+    "SUPPORTED_VERSIONS",
     "Grid",
     "Interpolation",
     "ModelGeometry",

@@ -28,8 +28,11 @@ from models.preprocessing.model_grid import ModelGeometry, ModelGridSpec, model_
 from models.preprocessing.registration import register_to_atlas, registration_target
 
 WORKING_SPACING_MM = 1.0
-# Bump when any step above changes what reaches the model grid: checkpoints record it and refuse a mismatch.
-PREPROCESSING_VERSION = "1"
+# Bump when any step above changes what reaches the model grid: checkpoints record it. Version 2 replaced the
+# clipping percentile scaling (models/preprocessing/intensity.py); a version-1 checkpoint is still preprocessed
+# with its own version, every other step being the same.
+PREPROCESSING_VERSION = "2"
+SUPPORTED_VERSIONS = ("1", "2")
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +44,7 @@ class Preprocessed:
     """
 
     volume: np.ndarray  # float32 in [0, 1], 0 outside the brain mask
+    unscaled: np.ndarray  # float32, the same before intensity scaling (bias-corrected input units), whole grid
     brain_mask: np.ndarray  # bool; only where the input's field of view covers the model voxel
     covered: np.ndarray  # bool: model voxels wholly inside the input's field of view
     input_brain_mask: sitk.Image  # uint8 on the input's own grid (the 1 mm mask, nearest neighbour)
@@ -55,10 +59,23 @@ class Preprocessor:
 
     ``contrast`` (t1, t2, flair) is the model's: the registration compares the series with the atlas anatomy
     in that contrast (correlation copes with T2's inverted order, not with FLAIR's grey matter brighter than
-    white matter against dark CSF). Training volumes are T1 and register to the T1 template.
+    white matter against dark CSF). ``version`` is the checkpoint's preprocessing version (the current one for
+    new training); only the intensity scaling differs between the versions.
     """
 
-    def __init__(self, atlas: Atlas, spec: ModelGridSpec | None = None, contrast: str = "t1") -> None:
+    def __init__(
+        self,
+        atlas: Atlas,
+        spec: ModelGridSpec | None = None,
+        contrast: str = "t1",
+        version: str = PREPROCESSING_VERSION,
+    ) -> None:
+        if version not in SUPPORTED_VERSIONS:
+            raise PreprocessingError(
+                f"preprocessing version {version} is not supported (this node has {', '.join(SUPPORTED_VERSIONS)})"
+            )
+        self.version = version
+        self.contrast = contrast
         self._atlas_mask = atlas.brain_mask
         self._target = registration_target(atlas, contrast)
         self.geometry = model_geometry(atlas.brain_mask, spec or ModelGridSpec())
@@ -89,10 +106,12 @@ class Preprocessor:
         covered = _field_of_view(input_grid, self.geometry, atlas_to_input)
         lap("field_of_view")
         brain = (_to_model_grid_linear(mask, self.geometry, atlas_to_input) >= 0.5) & covered
-        volume = normalise(_to_model_grid_linear(working, self.geometry, atlas_to_input), brain)
+        unscaled = _to_model_grid_linear(working, self.geometry, atlas_to_input)
+        volume = normalise(unscaled, brain, self.version, self.contrast)
         lap("model_grid")
         return Preprocessed(
             volume=volume,
+            unscaled=unscaled,
             brain_mask=brain,
             covered=covered,
             input_brain_mask=input_brain_mask,

@@ -12,6 +12,7 @@ from models.data.augment import AugmentConfig
 from models.data.sampler import SliceSampler
 from models.data.volumes import OFFLINE, default_cache_dir, healthy_volumes
 from models.diffusion.config import ModelConfig, named_config, unconditioned
+from models.preprocessing import PREPROCESSING_VERSION
 from models.training.trainer import InitFrom, StopAt, TrainingOptions, train
 
 # Fine-tuning's default Adam rate: a tenth of the 2e-4 the shipped model was trained with (a fifth of the
@@ -66,7 +67,10 @@ def run_training(
         if without_encoder:
             config = unconditioned(config)
     contrast = contrast or "t1"
-    volumes = healthy_volumes(data, cache_dir or default_cache_dir())
+    # New runs preprocess with the current version; a run resumed or a model fine-tuned keeps its own.
+    source = previous or (start.checkpoint if start is not None else None)
+    version = source.preprocessing_version if source is not None else PREPROCESSING_VERSION
+    volumes = healthy_volumes(data, cache_dir or default_cache_dir(), contrast, version)
     if previous is not None and previous.training["data"]["volumes"] != [v.name for v in volumes]:
         raise ValueError(f"{resume} was trained on other data ({previous.training['data']['source']}); resume with it")
     augment = AugmentConfig()
@@ -95,6 +99,7 @@ def run_training(
         progress=_print_now,
         snapshot_every=snapshot_every,
         init=start,
+        preprocessing_version=version,
     )
 
 

@@ -25,6 +25,7 @@ from models.checkpoint import Checkpoint, TrainingState, save_checkpoint
 from models.diffusion.config import ModelConfig
 from models.diffusion.model import DiffusionModel
 from models.precision import Precision, autocast, autocast_dtype, default_device
+from models.preprocessing import PREPROCESSING_VERSION
 
 VALIDATION_SEED = 7_919  # validation noise is fixed for the whole run so validation losses compare
 
@@ -90,6 +91,7 @@ def train(
     device: torch.device | None = None,
     snapshot_every: int | None = None,
     init: InitFrom | None = None,
+    preprocessing_version: str = PREPROCESSING_VERSION,
 ) -> Checkpoint:
     """Train (or resume, or fine-tune) and write ``out`` every ``options.checkpoint_every_s`` and at the end.
 
@@ -104,7 +106,7 @@ def train(
     ignored); ``training["init"]`` records the source and carries over when the run is resumed. It is not
     a warm start: those continue one run (its step count and data), ``init`` begins another.
     ``snapshot_every`` also keeps the EMA weights every that many steps as ``<out>-step<N>.pt``
-    (fp16, no training state) for learning curves.
+    (fp16, no training state) for learning curves. ``preprocessing_version`` is the one ``data`` was made with.
     """
     device = device or default_device()
     if init is not None and resume is not None:
@@ -164,7 +166,13 @@ def train(
         state = TrainingState(
             step=step, weights=model.state_dict(), optimizer=optimizer.state_dict(), seconds=seconds_before + elapsed()
         )
-        return Checkpoint(config=config, ema_weights=ema.state_dict(), training=training, state=state)
+        return Checkpoint(
+            config=config,
+            ema_weights=ema.state_dict(),
+            training=training,
+            state=state,
+            preprocessing_version=preprocessing_version,
+        )
 
     while True:
         batch = data.batch(step, options.batch_size).to(device)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from node.config import NodeConfig
 from node.db.database import Database
+from node.db.schema import utcnow
+from node.jobs.observer import JobObserver
 from node.jobs.states import JobState
 from node.jobs.store import JobRecord, JobStore
 from node.sender import RetryPolicy, Sender, SendResult
@@ -38,8 +40,15 @@ def export_policy(config: NodeConfig) -> RetryPolicy:
 class Exporter:
     """Exports jobs in ``exporting`` whose next attempt is due; one export per job at a time."""
 
-    def __init__(self, config: NodeConfig, db: Database, store: JobStore, sender: Sender | None = None) -> None:
-        self.config, self.store = config, store
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        store: JobStore,
+        sender: Sender | None = None,
+        observer: JobObserver | None = None,
+    ) -> None:
+        self.config, self.store, self.observer = config, store, observer
         self.sender = sender or Sender(config, db, policy=export_policy(config))
         self._busy: set[int] = set()
         self._lock = threading.Lock()
@@ -89,6 +98,9 @@ class Exporter:
             self.sender.send_once(d, files, job.series_uid, resend_failed_permanent=job.resend_failed)
             for d in destinations
         ]
+        if self.observer is not None:
+            for result in results:
+                self.observer.export_finished(result.destination, result.outcome)
         retry = [r for r in results if r.outcome == "retry"]
         failed = [r for r in results if r.outcome == "failed"]
         if retry:
@@ -104,6 +116,8 @@ class Exporter:
 
     def _finish(self, job: JobRecord, state: JobState, reason: str) -> None:
         if self.store.move(job.id, JobState.EXPORTING, state, reason=reason, resend_failed=False):
+            if self.observer is not None and job.exporting_at is not None:
+                self.observer.stage_finished("exporting", (utcnow() - job.exporting_at).total_seconds())
             level = logging.INFO if state is JobState.DONE else logging.ERROR
             log.log(level, "job %d (study %s, series %s): %s: %s", job.id, job.study_uid, job.series_uid, state, reason)
 

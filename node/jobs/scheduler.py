@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from node.db.database import Database
 from node.db.schema import utcnow
 from node.jobs.export import Exporter
 from node.jobs.intake import Intake
+from node.jobs.observer import JobObserver
 from node.jobs.retention import delete_expired_images
 from node.jobs.store import JobStore
 from node.jobs.worker import Worker
@@ -34,17 +36,28 @@ log = logging.getLogger(__name__)
 class JobScheduler:
     """Completion, analysis, export and retention for one node process."""
 
-    def __init__(self, config: NodeConfig, db: Database, analyser: Analyser | None = None) -> None:
-        self.config, self.db = config, db
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        analyser: Analyser | None = None,
+        observer: JobObserver | None = None,
+    ) -> None:
+        self.config, self.db, self.observer = config, db, observer
         self.store = JobStore(db)
         self.stopping = threading.Event()
         self.intake = Intake(db, config.completion, config.selection, self.store)
-        self.exporter = Exporter(config, db, self.store)
+        self.exporter = Exporter(config, db, self.store, observer=observer)
         self.analyser = analyser or Analyser(config.results, config.quality)
         self.workers = [
-            Worker(db, self.store, self.analyser, config.node.data_dir, config.jobs, config.selection, self.stopping)
+            Worker(
+                db, self.store, self.analyser, config.node.data_dir, config.jobs, config.selection, self.stopping,
+                observer,
+            )
             for _ in range(config.jobs.workers)
-        ]
+        ]  # fmt: skip
+        # contrast class -> "loading", "loaded" or "failed: <why>" (readiness: every configured model is loaded)
+        self.model_states: dict[str, str] = dict.fromkeys(config.selection.models, "loading")
         self._scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(config.jobs.workers + 3)},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
@@ -93,10 +106,16 @@ class JobScheduler:
             torch.set_num_threads(threads)
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
         for contrast, checkpoint in self.config.selection.models.items():
+            started = time.monotonic()
             try:
                 self.analyser.load(checkpoint)
             except AnalysisError as exc:
+                self.model_states[contrast] = f"failed: {exc}"
                 log.error("model for %s unusable, its series will fail until it is fixed: %s", contrast, exc)
+                continue
+            self.model_states[contrast] = "loaded"
+            if self.observer is not None:
+                self.observer.model_loaded(contrast, time.monotonic() - started)
 
     def _analyse_then_export(self, worker: Worker) -> Callable[[], None]:
         """A worker exports what it analysed at once instead of waiting for the next export round."""

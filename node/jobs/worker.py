@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -26,6 +27,7 @@ from node.analysis import Analyser, AnalysisError, write_notice, write_results
 from node.db import Instance, Job
 from node.db.database import Database
 from node.jobs.config import JobsSection
+from node.jobs.observer import JobObserver
 from node.jobs.states import JobState
 from node.jobs.store import JobRecord, JobStore
 from node.results import series_report
@@ -54,10 +56,12 @@ class Worker:
         jobs: JobsSection,
         selection: SelectionSection,
         stopping: threading.Event,
+        observer: JobObserver | None = None,
     ) -> None:
         self.db, self.store, self.analyser = db, store, analyser
         self.results_root = data_dir / "results"
         self.jobs, self.selection, self.stopping = jobs, selection, stopping
+        self.observer = observer
 
     def run_pending(self) -> list[JobRecord]:
         """Analyse queued jobs until none is due or the node is stopping; returns them as they ended."""
@@ -70,6 +74,15 @@ class Worker:
         """Take one claimed job (in ``preprocessing``) to ``exporting`` with results on disk, or end it."""
         _log(job, f"analysis started (attempt {job.attempts}, {job.instances} images)")
         current = JobState.PREPROCESSING
+        entered = time.monotonic()
+        if self.observer is not None and job.attempts == 1 and job.preprocessing_at is not None:
+            self.observer.stage_finished("queued", (job.preprocessing_at - job.created_at).total_seconds())
+
+        def left(stage: JobState) -> None:
+            nonlocal entered
+            if self.observer is not None:
+                self.observer.stage_finished(str(stage), time.monotonic() - entered)
+            entered = time.monotonic()
 
         def enter(stage: str) -> None:
             nonlocal current
@@ -77,6 +90,7 @@ class Worker:
             state = JobState(stage)
             if not self.store.move(job.id, current, state):
                 raise _Stop(JobState.CANCELLED, "cancelled by an admin")
+            left(current)
             current = state
 
         files: list[Path] = []
@@ -104,6 +118,8 @@ class Worker:
             else:
                 delay = self.jobs.analysis_retry_delay_s * 2 ** (job.attempts - 1)
                 self.store.requeue(job.id, current, f"{reason}; retrying in {delay:.0f} s", delay)
+        if current.analysing:  # ended inside a stage (failed, stopped, cancelled): it still took this long
+            left(current)
         return self.store.get(job.id)
 
     def _not_screened(

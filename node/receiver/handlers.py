@@ -7,16 +7,17 @@ each handler can be read on its own: it receives an event and answers a status.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.events import Event as NetEvent
-from sqlalchemy.exc import SQLAlchemyError
 
-from node.db import Event
 from node.db.database import Database
 from node.network import set_tcp_nodelay
+from node.receiver.audit import record_event, safe_uid
+from node.receiver.observer import StoreObserver
 from node.receiver.part10 import InstanceHeader, read_header
 from node.receiver.storage import (
     CANNOT_UNDERSTAND,
@@ -26,7 +27,6 @@ from node.receiver.storage import (
     Outcome,
     StoreRefused,
 )
-from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class ReceiverHandlers:
     store: InstanceStore
     db: Database
     log_patient_data: bool = False
+    observer: StoreObserver | None = None  # metrics of each C-STORE (the HTTP interface), when enabled
 
     def bindings(self) -> list[tuple]:
         """The ``evt_handlers`` list for ``AE.make_server``."""
@@ -62,6 +63,7 @@ class ReceiverHandlers:
 
     def on_store(self, event: NetEvent) -> Dataset:
         """C-STORE: keep the instance durably, then answer; any failure answers a failure status."""
+        started = time.perf_counter()
         caller = caller_of(event)
         request = event.request
         status = Dataset()
@@ -77,7 +79,7 @@ class ReceiverHandlers:
             status.ErrorComment = refused.reason[:64]
             log.warning(
                 "refused instance %s from %s@%s: %s (0x%04X)",
-                _safe_uid(request.AffectedSOPInstanceUID),
+                safe_uid(request.AffectedSOPInstanceUID),
                 caller.ae_title,
                 caller.host,
                 refused.reason,
@@ -88,10 +90,14 @@ class ReceiverHandlers:
                 caller,
                 header,
                 f"0x{refused.status:04X} {refused.reason}",
-                sop_instance_uid=_safe_uid(request.AffectedSOPInstanceUID),
+                sop_instance_uid=safe_uid(request.AffectedSOPInstanceUID),
             )
+            if self.observer is not None:
+                self.observer.refused(refused.status, time.perf_counter() - started)
             return status
         status.Status = 0x0000
+        if self.observer is not None:
+            self.observer.stored(header.sop_class_uid, time.perf_counter() - started)
         patient = f" patient {header.patient_id!r}" if self.log_patient_data else ""
         log.debug("%s %s from %s%s", outcome.value, header.sop_instance_uid, caller.ae_title, patient)
         if outcome is Outcome.REPLACED:
@@ -125,21 +131,7 @@ class ReceiverHandlers:
         sop_instance_uid: str = "",
     ) -> None:
         """Append to the audit trail; a database outage here must not break the association."""
-        try:
-            with self.db.session.begin() as session:
-                session.add(
-                    Event(
-                        kind=kind,
-                        calling_ae=caller.ae_title[:64],
-                        calling_host=caller.host[:64],
-                        study_uid=_safe_uid(header.study_uid) if header else "",
-                        series_uid=_safe_uid(header.series_uid) if header else "",
-                        sop_instance_uid=sop_instance_uid,
-                        detail=detail,
-                    )
-                )
-        except SQLAlchemyError as exc:
-            log.error("cannot record %s event: %s", kind, exc)
+        record_event(self.db, kind, caller, header, detail, sop_instance_uid)
 
 
 def _check_against_request(header: InstanceHeader, request: object) -> None:
@@ -148,12 +140,6 @@ def _check_against_request(header: InstanceHeader, request: object) -> None:
         raise StoreRefused(CANNOT_UNDERSTAND, "SOP Instance UID differs from the C-STORE request")
     if header.sop_class_uid != str(getattr(request, "AffectedSOPClassUID", "")):
         raise StoreRefused(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE request")
-
-
-def _safe_uid(value: object) -> str:
-    """A UID fit for logs and the database; anything malformed is shown escaped and cut short."""
-    text = str(value or "")
-    return text if is_valid_uid(text) else ascii(text)[:64]
 
 
 def _called_ae(event: NetEvent) -> str:

@@ -137,3 +137,55 @@ def _int(value: object) -> int | None:
         return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class Part10File:
+    """A PS3.10 file split into what its file meta says and its data set (a view, not a copy)."""
+
+    transfer_syntax_uid: str
+    media_storage_sop_class_uid: str
+    media_storage_sop_instance_uid: str
+    dataset: memoryview
+
+
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def split_part10(data: bytes | memoryview) -> Part10File:
+    """Read the file meta (group 0002, explicit VR little endian) of a whole Part 10 file and find where
+    its data set starts, so a file that arrived whole (STOW-RS) can be stored like a C-STORE data set.
+    Raises ValueError when there is no preamble, no ``DICM`` prefix or no transfer syntax."""
+    view = memoryview(data)
+    if len(view) < 132 or bytes(view[128:132]) != b"DICM":
+        raise ValueError("not a DICOM Part 10 file (no DICM prefix after the 128-byte preamble)")
+    values: dict[int, str] = {}
+    position = 132
+    while position + 8 <= len(view):
+        group, element = struct.unpack_from("<HH", view, position)
+        if group != 0x0002:
+            break
+        vr = bytes(view[position + 4 : position + 6])
+        if vr in _LONG_LENGTH_VRS:
+            if position + 12 > len(view):
+                raise ValueError("file meta ends inside an element")
+            (length,) = struct.unpack_from("<I", view, position + 8)
+            position += 12
+        else:
+            (length,) = struct.unpack_from("<H", view, position + 6)
+            position += 8
+        if position + length > len(view):
+            raise ValueError("file meta ends inside an element")
+        if element in (0x0002, 0x0003, 0x0010):
+            values[element] = bytes(view[position : position + length]).decode("ascii", "replace").strip("\x00 ")
+        position += length
+    if not values.get(0x0010):
+        raise ValueError("file meta has no Transfer Syntax UID")
+    return Part10File(
+        transfer_syntax_uid=values[0x0010],
+        media_storage_sop_class_uid=values.get(0x0002, ""),
+        media_storage_sop_instance_uid=values.get(0x0003, ""),
+        dataset=view[position:],
+    )

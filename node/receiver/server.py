@@ -20,6 +20,7 @@ from node.db.database import Database
 from node.receiver.association import NodeServer, SenderGate, request_handler_for
 from node.receiver.codecs import decodable_transfer_syntaxes, missing_decoders
 from node.receiver.handlers import ReceiverHandlers
+from node.receiver.observer import StoreObserver
 from node.receiver.storage import InstanceStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class Receiver:
 
     config: NodeConfig
     db: Database
+    observer: StoreObserver | None = None  # metrics of each C-STORE (the HTTP interface), when enabled
     ae: AE = field(init=False)
     store: InstanceStore = field(init=False)
     _server: NodeServer | None = field(init=False, default=None)
@@ -97,7 +99,9 @@ class Receiver:
     def start(self) -> tuple[str, int]:
         """Bind and serve in a background thread; returns the bound (host, port)."""
         node = self.config.node
-        handlers = ReceiverHandlers(store=self.store, db=self.db, log_patient_data=self.config.logging.log_patient_data)
+        handlers = ReceiverHandlers(
+            store=self.store, db=self.db, log_patient_data=self.config.logging.log_patient_data, observer=self.observer
+        )
         self._server = self.ae.make_server(
             (node.host, node.port),
             ssl_context=tls_context(self.config.tls),
@@ -111,6 +115,11 @@ class Receiver:
         host, port = self._server.server_address[:2]
         log.info("listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else "")
         return str(host), int(port)
+
+    @property
+    def listening(self) -> bool:
+        """True from a successful ``start`` until ``stop`` (readiness: the SCP accepts associations)."""
+        return self._server is not None and self._thread is not None and self._thread.is_alive()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop accepting; stores in flight finish, later ones get a retryable 0xA700; then close.

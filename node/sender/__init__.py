@@ -1,7 +1,7 @@
-"""Results back to PACS: a C-STORE SCU with per-instance delivery state and retry with backoff.
+"""Results back to PACS: a C-STORE SCU (or STOW-RS client) with per-instance delivery state and retry with backoff.
 
-``scu`` talks DICOM, ``outcomes`` says what an answer means, ``retry`` says when to try
-again, ``deliveries`` keeps the record, ``sender`` ties them together.
+``scu`` talks DICOM (``node.dicomweb.stow_client`` DICOMweb), ``outcomes`` says what an answer means,
+``retry`` says when to try again, ``deliveries`` keeps the record, ``sender`` ties them together.
 """
 
 from node.sender.deliveries import DeliveryLedger, DeliveryRecord

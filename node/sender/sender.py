@@ -1,5 +1,8 @@
 """Sending result files to a destination: one attempt, or a blocking retry loop, recorded per instance.
 
+A destination's ``type`` picks the transport in ``Sender._send`` (C-STORE via ``scu``, STOW-RS via
+``node.dicomweb.stow_client``); planning, recording, backoff and giving up are the same for both.
+
 ``send_once`` is the unit the node's scheduler calls and reschedules from ``retry_after_s``;
 ``deliver`` wraps it in a backoff loop for ``uad-node analyze``-style use and tests.
 """
@@ -10,13 +13,14 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from node.config import Destination, NodeConfig
 from node.db.database import Database
+from node.dicomweb import stow_client  # a module, not its names: stow_client imports node.sender too
 from node.sender.deliveries import DeliveryLedger, Outcome
 from node.sender.outcomes import DeliveryState, Verdict
 from node.sender.retry import RetryPolicy
@@ -156,13 +160,10 @@ class Sender:
         )
         log.log(
             logging.WARNING if attempt.failed_transient or attempt.failed_permanent else logging.INFO,
-            "send to %s (%s@%s:%d%s) for series %s: %d to send, %d sent, %d delivered, %d transient, "
+            "send to %s (%s) for series %s: %d to send, %d sent, %d delivered, %d transient, "
             "%d permanent failures in %.2f s%s",
             destination.name,
-            destination.ae_title,
-            destination.host,
-            destination.port,
-            ", TLS" if destination.tls else "",
+            destination.where(),
             source_series_uid,
             len(plan.to_send),
             attempt.sent,
@@ -175,34 +176,65 @@ class Sender:
         return attempt
 
     def _send(self, destination: Destination, headers: list[FileHeader]) -> tuple[list[Outcome], str]:
-        """C-STORE each header over one association; outcomes are written to the database in
-        batches as they come, so an interrupted attempt keeps what it achieved."""
+        """Send each header by the destination's transport; outcomes are written to the database in
+        batches as they come, so an interrupted attempt keeps what it achieved. The second value is
+        why the destination could not be reached at all (empty when it could)."""
         if not headers:
             return [], ""
+        outcomes: list[Outcome] = []
+        recorded = 0
+
+        def emit(outcome: Outcome) -> None:
+            nonlocal recorded
+            outcomes.append(outcome)
+            if len(outcomes) - recorded >= _RECORD_BATCH:
+                self._ledger.record(destination.name, outcomes[recorded:])
+                recorded = len(outcomes)
+
+        # The one place that picks a transport; retry, backoff and the ledger are the same for both.
+        transport = self._send_stow if destination.type == "dicomweb" else self._send_dimse
+        try:
+            return outcomes, transport(destination, headers, emit)
+        finally:
+            self._ledger.record(destination.name, outcomes[recorded:])
+
+    def _send_dimse(self, destination: Destination, headers: list[FileHeader], emit: Callable[[Outcome], None]) -> str:
+        """C-STORE each file over one association."""
         try:
             contexts = requested_contexts(headers)
         except ValueError as exc:
-            verdict = Verdict(DeliveryState.FAILED_PERMANENT, str(exc))
-            outcomes = [Outcome(h.sop_instance_uid, verdict, None) for h in headers]
-            self._ledger.record(destination.name, outcomes)
-            return outcomes, verdict.reason
+            return _fail_all(headers, Verdict(DeliveryState.FAILED_PERMANENT, str(exc)), emit)
         assert self.settings is not None
-        outcomes: list[Outcome] = []
-        recorded = 0
-        try:
-            with connect(destination, self.settings, contexts, self.config.tls) as connection:
-                if connection.verdict is not None:
-                    outcomes = [Outcome(h.sop_instance_uid, connection.verdict, None) for h in headers]
-                    return outcomes, connection.verdict.reason
-                for header in headers:
-                    verdict, status = connection.store(header)
-                    outcomes.append(Outcome(header.sop_instance_uid, verdict, status))
-                    if len(outcomes) - recorded >= _RECORD_BATCH:
-                        self._ledger.record(destination.name, outcomes[recorded:])
-                        recorded = len(outcomes)
-            return outcomes, ""
-        finally:
-            self._ledger.record(destination.name, outcomes[recorded:])
+        with connect(destination, self.settings, contexts, self.config.tls) as connection:
+            if connection.verdict is not None:
+                return _fail_all(headers, connection.verdict, emit)
+            for header in headers:
+                verdict, status = connection.store(header)
+                emit(Outcome(header.sop_instance_uid, verdict, status))
+        return ""
+
+    def _send_stow(self, destination: Destination, headers: list[FileHeader], emit: Callable[[Outcome], None]) -> str:
+        """STOW-RS the files in batches over one connection pool; stop at the first batch that finds the
+        destination unreachable or unwell (the rest fail transiently with the same reason)."""
+        assert self.settings is not None
+        with stow_client.StowClient(destination, self.settings, self.config.tls) as client:
+            sent = 0
+            for batch in stow_client.batches(headers):
+                result = client.store(batch)
+                sent += len(batch)
+                for outcome in result.outcomes:
+                    emit(outcome)
+                if result.unreachable is not None:
+                    _fail_all(headers[sent:], result.unreachable, emit)
+                    return result.unreachable.reason
+        return ""
+
+
+def _fail_all(headers: Sequence[FileHeader], verdict: Verdict, emit: Callable[[Outcome], None]) -> str:
+    """Every instance ends with the same verdict (no connection, no usable context); returns its reason."""
+    for header in headers:
+        emit(Outcome(header.sop_instance_uid, verdict, None))
+    return verdict.reason
 
 
 def _decide(

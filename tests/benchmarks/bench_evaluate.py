@@ -30,7 +30,7 @@ from models.detector import AnomalyDetector  # noqa: E402
 from models.evaluation.cases import EvaluationCase  # noqa: E402
 from models.evaluation.dataset_evaluation import Protocol, evaluate_dataset  # noqa: E402
 from models.evaluation.harness import evaluate_method  # noqa: E402
-from models.evaluation.run import EvaluationSize, evaluation_set  # noqa: E402
+from models.evaluation.run import EvaluationSize, checkpoint_evaluation_set  # noqa: E402
 from models.preprocessing import Grid, Preprocessor  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "default-t1.pt"
@@ -60,7 +60,7 @@ def main() -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     model = AnomalyDetector(checkpoint)
     size = EvaluationSize(validation=args.validation, test=args.test, healthy=args.healthy)
-    evaluation = evaluation_set(size, default_cache_dir())
+    evaluation = checkpoint_evaluation_set(checkpoint, size, default_cache_dir())
 
     started = time.perf_counter()
     builtin = evaluate_method("cDDPM", model.residual, evaluation)

@@ -101,7 +101,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def scored(data: dict[str, Path]) -> list[ScoredVolume]:
     """The readable calibration scans through the model, in this process."""
     checkpoint = load_checkpoint(data["checkpoint"])
-    preprocessor = Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast)
+    preprocessor = checkpoint.preprocessor(load_mni152_atlas())
     detector = AnomalyDetector(checkpoint)
     cases = [case for case in find_healthy(data["healthy"]) if not case.id.startswith("zz-")]
     return [score_volume(detector.residual, prepare_volume(preprocessor, load_case(c)[0], None, c.id)) for c in cases]
@@ -203,7 +203,7 @@ def test_lesion_cases_pick_the_best_dice_at_or_above_the_bound(
     assert "best mean model-grid Dice on 1 lesion cases" in record["rule"]
     assert site.calibration_label.endswith(f", best Dice on 1 lesion cases ({record['date']})")
     checkpoint = load_checkpoint(data["checkpoint"])
-    preprocessor = Preprocessor(load_mni152_atlas(), contrast=checkpoint.contrast)
+    preprocessor = checkpoint.preprocessor(load_mni152_atlas())
     [lesion_case] = find_dataset(data["lesions"], "pairs")[1]
     image, label = load_case(lesion_case)
     case = score_volume(AnomalyDetector(checkpoint).residual, prepare_volume(preprocessor, image, label, "case"))

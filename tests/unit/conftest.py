@@ -42,7 +42,7 @@ def colin_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def colin(preprocessor: Preprocessor, colin_cache: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Colin27 (the evaluation brain) on the model grid: (volume, brain mask)."""
+    """Colin27 (the evaluation brain) on the model grid before intensity scaling: (unscaled volume, brain mask)."""
     from models.evaluation import colin27_model_grid
 
     brains.colin27(skull=True)  # skips when mricron-data is absent

@@ -283,3 +283,25 @@ def test_quality_section_defaults_shipped_file_and_errors(tmp_path: Path) -> Non
         with pytest.raises(ConfigError) as info:
             load_config(path)
         assert any(error.startswith(key) for error in info.value.errors), info.value.errors
+
+
+def test_config_check_masks_the_secrets(tmp_path: Path) -> None:
+    """The printed config may end up in a ticket or a log: the web token, header values and the database password
+    read "***", everything else as given."""
+    _write(
+        tmp_path / "node.toml",
+        '[node]\ndatabase_url = "postgresql+psycopg://uad:s3cret@127.0.0.1:5432/uad"\n'
+        '[web]\ntoken = "t0ken"\n'
+        '[[destinations]]\nname = "web"\ntype = "dicomweb"\nurl = "http://127.0.0.1:8042/dicom-web"\n'
+        'headers = { Authorization = "Bearer b3arer" }\n',
+    )
+    config = load_config(tmp_path / "node.toml")
+    text = json.dumps(config.shown())  # what `config check` prints
+    for secret in ("s3cret", "t0ken", "b3arer"):
+        assert secret not in text
+    shown = json.loads(text)
+    assert shown["node"]["database_url"] == "postgresql+psycopg://uad:***@127.0.0.1:5432/uad"
+    assert shown["web"]["token"] == "***"
+    assert shown["destinations"][0]["headers"] == {"Authorization": "***"}
+    assert shown["destinations"][0]["url"] == "http://127.0.0.1:8042/dicom-web"
+    assert config.web.token == "t0ken"  # the config itself keeps them

@@ -1,5 +1,6 @@
-"""Evaluation: metrics against hand-computed values, the lesion simulator on a real preprocessed Colin27,
-and the harness (an oracle scorer, a random scorer, the atlas-mean and intensity baselines).
+"""Evaluation: metrics against hand-computed values, the lesion simulator on a real Colin27 in each contrast
+(unscaled, then scaled by each preprocessing version), the case set the checkpoint decides, the atlas-mean
+choice, and the harness (an oracle scorer, a random scorer, the atlas-mean and intensity baselines).
 
 Colin27 and the MNI152 template are preprocessed once per session (~6 s each); run with -s to see the
 baselines' table.
@@ -17,10 +18,14 @@ import pytest
 from scipy import ndimage
 
 from models.anomaly_map import eroded_brain_mask
+from models.checkpoint import Checkpoint
+from models.data.volumes import TrainingVolume, atlas_priors
 from models.evaluation import (
     LESION_KINDS,
     AtlasMeanBaseline,
+    EvaluationBrain,
     EvaluationSet,
+    atlas_mean_baseline,
     auroc,
     average_precision,
     best_threshold,
@@ -28,15 +33,24 @@ from models.evaluation import (
     colin27_model_grid,
     dice,
     evaluate_method,
+    evaluation_brain,
     false_positive_ml,
     format_table,
     intensity_baseline,
+    lesion_kinds,
     results_json,
     simulate_lesion,
 )
-from models.evaluation.lesions import MIN_VISIBLE_CHANGE, white_matter
+from models.evaluation.lesions import KINDS_BY_CONTRAST, MIN_VISIBLE_CHANGE, tissue_levels, white_matter
+from models.evaluation.painting import paint_tissue
+from models.evaluation.run import EvaluationSize, checkpoint_evaluation_set, run_evaluation
 from models.preprocessing import Preprocessor
+from models.preprocessing.intensity import normalise
 from tests import brains
+from tests.tiny_model import TINY
+
+ALL_KINDS = [(contrast, kind, polarity) for contrast, kinds in KINDS_BY_CONTRAST.items() for kind, polarity in kinds]
+
 
 # ---- metrics ---------------------------------------------------------------------------------------
 
@@ -112,47 +126,132 @@ def test_best_threshold_prefers_dice_over_the_prevalence_guess() -> None:
 
 @pytest.fixture(scope="session")
 def small_set(colin: tuple[np.ndarray, np.ndarray]) -> EvaluationSet:
-    return build_evaluation_set(*colin, seed=0, validation=4, test=4, healthy=1)
+    return build_evaluation_set(*colin, seed=0, validation=4, test=4, healthy=1, contrast="t1", version="2")
 
 
-def test_colin27_on_the_model_grid(colin: tuple[np.ndarray, np.ndarray]) -> None:
+@pytest.fixture(scope="session")
+def contrast_brains(
+    preprocessor: Preprocessor, colin_cache: Path, colin: tuple[np.ndarray, np.ndarray]
+) -> dict[str, EvaluationBrain]:
+    return {contrast: evaluation_brain(preprocessor, colin_cache, contrast) for contrast in KINDS_BY_CONTRAST}
+
+
+def test_colin27_on_the_model_grid_is_unscaled(colin: tuple[np.ndarray, np.ndarray]) -> None:
+    """The cache holds Colin27 before intensity scaling (its own units); each version scales it as it would."""
     volume, mask = colin
     assert volume.shape == mask.shape == (50, 96, 96) and mask.dtype == bool
-    assert volume[~mask].max() == 0 and 0.6 < volume[mask].mean() < 0.8
+    assert volume[mask].max() > 2.0  # not a [0, 1] scaled volume
+    levels = tissue_levels(volume, mask, "t1")
+    assert 0 < levels.csf < levels.gm < levels.wm
+    v1 = normalise(volume, mask, "1", "t1")
+    assert v1[~mask].max() == 0 and 0.6 < v1[mask].mean() < 0.8 and v1.max() == 1.0
 
 
-@pytest.mark.parametrize(("kind", "polarity"), LESION_KINDS)
-def test_lesion_on_colin27(colin: tuple[np.ndarray, np.ndarray], kind: str, polarity: str) -> None:
-    volume, brain = colin
-    ranges_ml = {"tumour": (5.0, 90.0), "wmh": (0.1, 4.0), "stroke": (2.0, 40.0)}
+def test_t2_and_flair_brains_have_their_contrasts_tissue_order(
+    contrast_brains: dict[str, EvaluationBrain], preprocessor: Preprocessor, colin_cache: Path
+) -> None:
+    """Judged by the MNI152 tissue priors (independent of the clustering that painted them): T2 CSF > GM > WM,
+    FLAIR GM > WM > CSF, T1 WM > GM > CSF; the painted images are fixed (same texture every call) and textured."""
+    priors = atlas_priors(preprocessor.geometry)
+    order = {"t1": ("wm", "gm", "csf"), "t2": ("csf", "gm", "wm"), "flair": ("gm", "wm", "csf")}
+    for contrast, brain in contrast_brains.items():
+        assert brain.contrast == contrast and brain.volume.shape == (50, 96, 96)
+        means = {
+            name: float(brain.volume[brain.brain_mask & (priors[c] > 0.8)].mean())
+            for c, name in enumerate(("csf", "gm", "wm"))
+        }
+        brightest, middle, darkest = order[contrast]
+        assert means[brightest] > means[middle] > means[darkest], (contrast, means)
+    flair = contrast_brains["flair"]
+    again = evaluation_brain(preprocessor, colin_cache, "flair")
+    assert np.array_equal(flair.volume, again.volume)
+    white = flair.brain_mask & (priors[2] > 0.95)
+    assert 0.02 < flair.volume[white].std() / flair.volume[white].mean() < 0.2  # texture, not a flat class mean
+    with pytest.raises(ValueError, match="contrast"):
+        evaluation_brain(preprocessor, colin_cache, "pd")
+
+
+def test_every_contrast_has_dark_and_bright_kinds_hyperintense_first_on_t2_and_flair() -> None:
+    for contrast in ("t1", "t2", "flair"):
+        polarities = [polarity for _, polarity in lesion_kinds(contrast)]
+        assert {"dark", "bright"} <= set(polarities)
+        if contrast != "t1":
+            assert polarities.count("bright") > polarities.count("dark")
+    assert lesion_kinds("t1") == LESION_KINDS
+    assert ("wmh", "bright") in lesion_kinds("flair") and ("stroke", "bright") in lesion_kinds("flair")
+    with pytest.raises(ValueError):
+        lesion_kinds("pd")
+
+
+@pytest.mark.parametrize(("contrast", "kind", "polarity"), ALL_KINDS)
+def test_lesion_in_unscaled_space(
+    contrast_brains: dict[str, EvaluationBrain], contrast: str, kind: str, polarity: str
+) -> None:
+    brain = contrast_brains[contrast]
+    volume, mask_ = brain.volume, brain.brain_mask
+    unit = tissue_levels(volume, mask_, contrast).contrast_unit
+    ranges_ml = {"tumour": (5.0, 120.0), "wmh": (0.1, 4.0), "stroke": (2.0, 40.0)}
     for seed in range(3):
-        lesion = simulate_lesion(volume, brain, kind, polarity, np.random.default_rng(seed))
-        again = simulate_lesion(volume, brain, kind, polarity, np.random.default_rng(seed))
+        lesion = simulate_lesion(volume, mask_, kind, polarity, np.random.default_rng(seed), contrast)
+        again = simulate_lesion(volume, mask_, kind, polarity, np.random.default_rng(seed), contrast)
         assert np.array_equal(lesion.image, again.image) and np.array_equal(lesion.mask, again.mask)
-        assert lesion.mask.any() and not lesion.mask[~brain].any()
-        assert lesion.image.min() >= 0 and lesion.image.max() <= 1 and lesion.image[~brain].max() == 0
+        assert lesion.mask.any() and not lesion.mask[~mask_].any()
+        assert lesion.image.min() >= 0 and np.array_equal(lesion.image[~mask_], volume[~mask_])
         low, high = ranges_ml[kind]
         assert low <= lesion.mask.sum() * 0.008 <= high
-        change = lesion.image[lesion.mask].astype(np.float64) - volume[lesion.mask]
-        if polarity == "dark":
-            assert change.mean() < -0.1
-        else:  # a bright tumour's core is raised; its thinner oedema rim is darkened
-            assert (change >= MIN_VISIBLE_CHANGE).mean() > 0.3
-        outside = np.abs(lesion.image - volume)[~lesion.mask]
-        assert outside.mean() < 0.001  # outside the truth only a partial-volume rim changes
-        visible = np.abs(lesion.image - volume) >= MIN_VISIBLE_CHANGE
+        change = (lesion.image[lesion.mask].astype(np.float64) - volume[lesion.mask]) / unit
+        sign = -1 if polarity == "dark" else 1
+        assert sign * change.mean() > 0.2, change.mean()  # the lesion as a whole has its polarity
+        assert (sign * change >= MIN_VISIBLE_CHANGE).mean() > 0.55  # most of it visibly so
+        outside = np.abs(lesion.image - volume)[~lesion.mask] / unit
+        assert outside.mean() < 0.003  # outside the truth only a partial-volume rim changes
+        visible = np.abs(lesion.image - volume) >= MIN_VISIBLE_CHANGE * unit
         rim = ndimage.distance_transform_edt(~lesion.mask) <= 1.5
-        assert (visible & ~rim).sum() <= 0.01 * lesion.mask.sum() + 5  # visible change = truth + partial-volume rim
+        assert (visible & ~rim).sum() <= 0.01 * lesion.mask.sum() + 10  # visible change = truth + partial volume
 
 
-def test_bright_lesions_raise_the_mean(colin: tuple[np.ndarray, np.ndarray]) -> None:
+def test_a_bright_t1_lesion_stays_bright_under_version_2_and_is_clipped_by_version_1(
+    colin: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Scaled with the lesion in the volume, as a scan is: version 2 keeps a bright core well above white
+    matter and below 1; version 1's 99th percentile clips it (and every bright WMH) at 1.0."""
     volume, brain = colin
     for kind in ("tumour", "wmh"):
-        means = []
-        for seed in range(5):
-            lesion = simulate_lesion(volume, brain, kind, "bright", np.random.default_rng(seed))
-            means.append(float(lesion.image[lesion.mask].mean() - volume[lesion.mask].mean()))
-        assert np.median(means) > 0.02, (kind, means)
+        for seed in range(3):
+            lesion = simulate_lesion(volume, brain, kind, "bright", np.random.default_rng(seed), "t1")
+            raised = lesion.mask & (
+                lesion.image - volume >= MIN_VISIBLE_CHANGE * tissue_levels(volume, brain).contrast_unit
+            )
+            v2 = normalise(lesion.image, brain, "2", "t1")
+            wm2 = tissue_levels(normalise(volume, brain, "2", "t1"), brain).wm
+            assert np.median(v2[raised]) > wm2 + 0.08 and v2.max() < 1.0
+            v1 = normalise(lesion.image, brain, "1", "t1")
+            clipped = (v1[raised] == 1.0).mean()
+            assert clipped > (0.9 if kind == "wmh" else 0.3), (kind, seed, clipped)
+
+
+@pytest.mark.parametrize("contrast", ["t2", "flair"])
+def test_t2_and_flair_lesions_are_hyperintense_after_scaling(
+    contrast_brains: dict[str, EvaluationBrain], contrast: str
+) -> None:
+    """Bright kinds end above grey matter (FLAIR: above every normal tissue; T2: below fluid) after version-2
+    scaling; the dark kind lies below white matter in the scan's own units (the FLAIR cavity also after scaling)."""
+    brain = contrast_brains[contrast]
+    volume, mask_ = brain.volume, brain.brain_mask
+    healthy = tissue_levels(normalise(volume, mask_, "2", contrast), mask_, contrast)
+    unscaled_levels = tissue_levels(volume, mask_, contrast)
+    for kind, polarity in lesion_kinds(contrast):
+        lesion = simulate_lesion(volume, mask_, kind, polarity, np.random.default_rng(1), contrast)
+        scaled = normalise(lesion.image, mask_, "2", contrast)
+        if polarity == "bright":
+            assert np.median(scaled[lesion.mask]) > healthy.gm + 0.03, kind
+            if contrast == "t2":
+                assert np.median(scaled[lesion.mask]) < healthy.csf, kind
+        else:
+            darkened = lesion.mask & (lesion.image < volume)
+            assert np.median(lesion.image[darkened]) < unscaled_levels.wm, kind
+            if contrast == "flair":
+                assert np.median(scaled[lesion.mask]) < healthy.wm - 0.1, kind
 
 
 def test_stroke_reaches_the_cortex(colin: tuple[np.ndarray, np.ndarray]) -> None:
@@ -164,11 +263,12 @@ def test_stroke_reaches_the_cortex(colin: tuple[np.ndarray, np.ndarray]) -> None
         assert depth[lesion.mask].max() >= 3  # and reaches into the brain
 
 
-def test_wmh_lie_in_white_matter(colin: tuple[np.ndarray, np.ndarray]) -> None:
-    volume, brain = colin
-    wm = ndimage.binary_dilation(white_matter(volume, brain), iterations=1)
-    for polarity in ("dark", "bright"):
-        lesion = simulate_lesion(volume, brain, "wmh", polarity, np.random.default_rng(1))
+@pytest.mark.parametrize("contrast", ["t1", "t2", "flair"])
+def test_wmh_lie_in_white_matter(contrast_brains: dict[str, EvaluationBrain], contrast: str) -> None:
+    brain = contrast_brains[contrast]
+    wm = ndimage.binary_dilation(white_matter(brain.volume, brain.brain_mask, contrast=contrast), iterations=1)
+    for _, polarity in [k for k in lesion_kinds(contrast) if k[0] == "wmh"]:
+        lesion = simulate_lesion(brain.volume, brain.brain_mask, "wmh", polarity, np.random.default_rng(1), contrast)
         assert wm[lesion.mask].mean() > 0.95
         assert ndimage.label(lesion.mask)[1] >= 2
 
@@ -176,12 +276,111 @@ def test_wmh_lie_in_white_matter(colin: tuple[np.ndarray, np.ndarray]) -> None:
 def test_evaluation_set_is_balanced_disjoint_and_varied(small_set: EvaluationSet) -> None:
     kinds = [(c.kind, c.polarity) for c in small_set.validation + small_set.test]
     assert set(kinds) == set(LESION_KINDS)
+    assert small_set.contrast == "t1" and small_set.scaling == "2"
     assert small_set.healthy[0].lesion_mask is None
     a, b = small_set.validation[0], small_set.test[1]  # both dark tumours, from different streams
     assert (a.kind, a.polarity) == (b.kind, b.polarity) and not np.array_equal(a.lesion_mask, b.lesion_mask)
     healthy = small_set.healthy[0]
     away = healthy.brain_mask & ~small_set.test[0].lesion_mask
-    assert 0.003 < np.abs(healthy.volume - small_set.test[0].volume)[away].mean() < 0.05  # noise and bias differ
+    assert 0.002 < np.abs(healthy.volume - small_set.test[0].volume)[away].mean() < 0.05  # noise and bias differ
+    for case in small_set.validation + small_set.test + small_set.healthy:
+        assert case.volume[~case.brain_mask].max() == 0 and 0 <= case.volume.min() and case.volume.max() < 1
+
+
+def test_evaluation_set_is_deterministic_per_seed_and_scaled_by_the_version(
+    colin: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Same seed, same cases; another seed, other cases. Versions see the same lesions (same truth), each
+    scaled its way: version 1 clips at its 99th percentile (~1 % of the brain at exactly 1.0), version 2 never."""
+    options = {"validation": 1, "test": 1, "healthy": 1, "contrast": "t1"}
+    first = build_evaluation_set(*colin, seed=3, version="1", **options)
+    same = build_evaluation_set(*colin, seed=3, version="1", **options)
+    other = build_evaluation_set(*colin, seed=4, version="1", **options)
+    v2 = build_evaluation_set(*colin, seed=3, version="2", **options)
+    assert first.scaling == "1" and v2.scaling == "2"
+    for a, b, c, d in zip(
+        first.validation + first.test + first.healthy,
+        same.validation + same.test + same.healthy,
+        other.validation + other.test + other.healthy,
+        v2.validation + v2.test + v2.healthy,
+        strict=True,
+    ):
+        assert a.name == b.name == c.name == d.name
+        assert np.array_equal(a.volume, b.volume) and not np.array_equal(a.volume, c.volume)
+        if a.lesion_mask is not None:
+            assert np.array_equal(a.lesion_mask, d.lesion_mask) and not np.array_equal(a.lesion_mask, c.lesion_mask)
+        at_one = (a.volume[a.brain_mask] == 1.0).mean()
+        assert 0.003 < at_one < 0.03 and d.volume.max() < 1.0
+
+
+def _checkpoint(contrast: str, version: str) -> Checkpoint:
+    """Metadata only: what the evaluation set is decided by (no weights are needed to build it)."""
+    return Checkpoint(
+        config=TINY, ema_weights={}, training={"data": {"contrast": contrast}}, preprocessing_version=version
+    )
+
+
+def test_the_checkpoint_decides_the_evaluation_set(
+    colin_cache: Path, contrast_brains: dict[str, EvaluationBrain]
+) -> None:
+    """A version-1 FLAIR checkpoint gets painted-FLAIR Colin27 with FLAIR lesions, scaled by version 1."""
+    size = EvaluationSize(validation=1, test=2, healthy=1, seed=5)
+    chosen = checkpoint_evaluation_set(_checkpoint("flair", "1"), size, colin_cache)
+    flair = contrast_brains["flair"]
+    expected = build_evaluation_set(flair.volume, flair.brain_mask, 5, 1, 2, 1, contrast="flair", version="1")
+    assert (chosen.contrast, chosen.scaling) == ("flair", "1")
+    assert [c.name for c in chosen.test] == ["test-00-wmh-bright", "test-01-stroke-bright"]
+    for a, b in zip(
+        chosen.validation + chosen.test + chosen.healthy,
+        expected.validation + expected.test + expected.healthy,
+        strict=True,
+    ):
+        assert np.array_equal(a.volume, b.volume)
+
+
+def test_an_unconditioned_model_of_other_preprocessing_is_refused(colin_cache: Path) -> None:
+    with pytest.raises(ValueError, match="same cases"):
+        run_evaluation(_checkpoint("t1", "1"), "offline", colin_cache, EvaluationSize(1, 1, 0), _checkpoint("t1", "2"))
+
+
+# ---- the atlas-mean baseline's training brains -------------------------------------------------------
+
+
+def _training_volume(name: str, contrast: str | None, value: float, scaling: str = "2") -> TrainingVolume:
+    """A 2x4x4 'brain': CSF, GM and WM slabs; the image a constant (what matters is which volumes are averaged)."""
+    tissue = np.zeros((3, 2, 4, 4), dtype=np.float32)
+    tissue[0, :, 0], tissue[1, :, 1:3], tissue[2, :, 3] = 1.0, 1.0, 1.0
+    volume = np.full((2, 4, 4), value, dtype=np.float32)
+    return TrainingVolume(name, volume, np.ones((2, 4, 4), bool), tissue, contrast, scaling)
+
+
+def test_atlas_mean_averages_the_brains_acquired_in_the_models_contrast() -> None:
+    volumes = [
+        _training_volume("a", "t1", 0.2),
+        _training_volume("b", "t1", 0.4),
+        _training_volume("c", "t2", 0.9),
+        _training_volume("tpm", None, 0.7),
+    ]
+    name, baseline = atlas_mean_baseline(volumes, "t1", "2")
+    assert name == "atlas-mean (2 training brains)" and np.allclose(baseline.mean, 0.3)
+    name, baseline = atlas_mean_baseline(volumes, "t2", "2")
+    assert name == "atlas-mean (1 training brains)" and np.allclose(baseline.mean, 0.9)
+    with pytest.raises(ValueError, match="version"):
+        atlas_mean_baseline([_training_volume("a", "t1", 0.2, scaling="1")], "t1", "2")
+
+
+def test_atlas_mean_for_flair_paints_the_training_tissue() -> None:
+    """No FLAIR was acquired: every brain with tissue maps, painted at the evaluation's means and scaled."""
+    volumes = [_training_volume("a", "t1", 0.2), _training_volume("c", "t2", 0.9)]
+    name, baseline = atlas_mean_baseline(volumes, "flair", "2")
+    assert name == "atlas-mean (2 training brains painted as flair)"
+    painted = normalise(paint_tissue(volumes[0].tissue, "flair", texture=False), volumes[0].brain_mask, "2", "flair")
+    assert np.allclose(baseline.mean, painted)
+    csf, gm, wm = baseline.mean[0, 0, 0], baseline.mean[0, 1, 0], baseline.mean[0, 3, 0]
+    assert gm > wm > csf  # FLAIR's order, whatever the brains were acquired in
+    no_tissue = TrainingVolume("x", volumes[0].volume, volumes[0].brain_mask, None, "t1")
+    with pytest.raises(ValueError, match="tissue"):
+        atlas_mean_baseline([no_tissue], "flair", "2")
 
 
 # ---- harness -------------------------------------------------------------------------------------
@@ -223,6 +422,7 @@ def test_random_scorer_auprc_is_the_prevalence(small_set: EvaluationSet) -> None
     assert result.dice < 0.05 and result.validation_dice < 0.1
 
 
+@pytest.mark.timeout(300)  # MNI152 preprocessed and 9 volumes scored three ways: ~70 s on a busy machine
 def test_baselines_table(small_set: EvaluationSet, preprocessor: Preprocessor) -> None:
     mni = preprocessor(brains.mni152_t1())
     rng = np.random.default_rng(0)
@@ -246,9 +446,17 @@ def test_baselines_table(small_set: EvaluationSet, preprocessor: Preprocessor) -
 def test_colin27_cache_is_reused(
     preprocessor: Preprocessor, colin_cache: Path, colin: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    """A second call with the same cache dir reads the .npz instead of preprocessing (~6 s)."""
+    """A second call with the same cache dir reads the .npz instead of preprocessing (~6 s), whatever the
+    preprocessing version (it holds the volume before scaling); only a T1 preprocessor registers Colin27."""
+    from models.atlas import load_mni152_atlas
+
     start = time.perf_counter()
     volume, mask = colin27_model_grid(preprocessor, colin_cache)
     assert time.perf_counter() - start < 1.0
-    assert len(list(colin_cache.glob("*.npz"))) == 1
     assert np.array_equal(volume, colin[0]) and np.array_equal(mask, colin[1])
+    atlas = load_mni152_atlas()
+    version_1, _ = colin27_model_grid(Preprocessor(atlas, version="1"), colin_cache)
+    assert np.array_equal(version_1, volume)
+    assert len(list(colin_cache.glob("*.npz"))) == 1
+    with pytest.raises(ValueError, match="T1"):
+        colin27_model_grid(Preprocessor(atlas, contrast="t2"), colin_cache)

@@ -91,7 +91,12 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """``run_training``'s call of ``train``, on one blank model-grid volume instead of preprocessed scans."""
     calls: dict[str, Any] = {}
     volume = TrainingVolume("blank.nii.gz", np.zeros((50, 96, 96), np.float32), np.ones((50, 96, 96), bool), None)
-    monkeypatch.setattr(run_module, "healthy_volumes", lambda data, cache: [volume])
+
+    def fake_volumes(data: str, cache: Path, contrast: str, version: str) -> list[TrainingVolume]:
+        calls.update(data_contrast=contrast, data_version=version)
+        return [volume]
+
+    monkeypatch.setattr(run_module, "healthy_volumes", fake_volumes)
 
     def fake_train(config: Any, sampler: Any, options: TrainingOptions, *args: Any, **kwargs: Any) -> str:
         calls.update(config=config, options=options, description=args[2], **kwargs)
@@ -116,7 +121,7 @@ def _run(init: Path | None, changes: dict[str, Any] | None = None, **kwargs: Any
 
 
 def test_init_takes_the_source_config_and_contrast_at_the_fine_tuning_rate(
-    shipped: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    shipped: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     assert FINE_TUNING_LEARNING_RATE < TrainingOptions().learning_rate
     assert _run(shipped) == "trained"
@@ -124,6 +129,13 @@ def test_init_takes_the_source_config_and_contrast_at_the_fine_tuning_rate(
     assert captured["options"].learning_rate == FINE_TUNING_LEARNING_RATE
     assert captured["init"].source == str(shipped) and captured["resume"] is None
     assert "fine-tuning" in capsys.readouterr().out
+    # the source's own preprocessing, for the data and for the new checkpoint
+    version = load_checkpoint(shipped).preprocessing_version
+    assert captured["data_version"] == captured["preprocessing_version"] == version
+    old = tmp_path / "version-1.pt"
+    save_checkpoint(dataclasses.replace(load_checkpoint(shipped), preprocessing_version="1"), old)
+    _run(old)
+    assert captured["data_version"] == captured["preprocessing_version"] == "1"  # a v1 model keeps its scaling
     _run(shipped, changes={"learning_rate": 3e-4, "batch_size": 2}, config_name="tiny", contrast="t1")
     assert captured["options"].learning_rate == 3e-4 and captured["options"].batch_size == 2
 

@@ -276,6 +276,29 @@ def sr_volume_ml(sr: hd.sr.Comprehensive3DSR) -> tuple[float, str, str, list[int
     )
 
 
+def sr_outline(sr: hd.sr.Comprehensive3DSR) -> tuple[str, np.ndarray, str, int | None, list[str]]:
+    """The planar group that draws the finding on an image: graphic type, points (column, row), the SOP Instance
+    UID and frame number (None: single-frame) of the image it is SELECTED FROM, and its tracking UIDs
+    (its own, then the volumetric group's)."""
+    [volumetric] = sr.content.get_volumetric_roi_measurement_groups()
+    [planar] = sr.content.get_planar_roi_measurement_groups()
+    assert planar.get_measurements() == []  # it draws; the volume is measured once, in the volumetric group
+    region = planar.roi
+    [image] = region.ContentSequence
+    assert (region.ValueType, image.ValueType, image.RelationshipType) == ("SCOORD", "IMAGE", "SELECTED FROM")
+    [ref] = image.ReferencedSOPSequence
+    frames = ref.get("ReferencedFrameNumber")
+    frame = None if frames is None else int(frames if isinstance(frames, int) else frames[0])
+    uids = [planar.tracking_uid, volumetric.tracking_uid]
+    return region.GraphicType, region.value, ref.ReferencedSOPInstanceUID, frame, uids
+
+
+def polygon_area(points: np.ndarray) -> float:
+    """Shoelace area of a closed polygon (first point repeated last)."""
+    x, y = points[:, 0], points[:, 1]
+    return float(abs(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1])) / 2)
+
+
 @pytest.mark.parametrize("geometry", ["reversed", "enhanced"])
 def test_sr_measures_the_seg_segment_and_reads_back(
     results_cases: dict[str, Case], geometry: str, tmp_path: Path
@@ -307,6 +330,33 @@ def test_sr_measures_the_seg_segment_and_reads_back(
     assert evidence == {seg.SOPInstanceUID} | {s.sop_instance_uid for s in case.volume.slice_sources}
 
 
+@pytest.mark.parametrize("geometry", ["reversed", "enhanced"])
+def test_sr_outlines_the_finding_on_the_slice_with_most_of_it(
+    results_cases: dict[str, Case], geometry: str, tmp_path: Path
+) -> None:
+    """OHIF (3.13) shows an SR measurement only through image coordinates on a source image: a planar group of
+    the same finding outlines it on the source slice (or frame) holding most of the mask."""
+    case = results_cases[geometry]
+    seg = build_segmentation(case.volume, case.sources, case.findings, ResultsSection())
+    dciodvfy(build_measurement_report(seg, case.sources, case.findings, ResultsSection()), tmp_path / "sr.dcm")
+    graphic, points, sop_uid, frame, (planar_uid, volumetric_uid) = sr_outline(hd.sr.srread(tmp_path / "sr.dcm"))
+    assert graphic == "POLYLINE" and planar_uid == volumetric_uid  # one finding, so OHIF merges the groups
+    assert (points[0] == points[-1]).all() and len(points) >= 5  # closed, at least a rectangle
+
+    areas = case.findings.slice_areas()
+    [k] = [
+        k for k, s in enumerate(case.volume.slice_sources) if (s.sop_instance_uid, s.frame_number) == (sop_uid, frame)
+    ]
+    assert areas[k] == areas.max() > 0
+    if geometry == "enhanced":
+        assert frame is not None and sop_uid == case.volume.slice_sources[0].sop_instance_uid
+    # The outline is the biggest region of that slice (the blob; the lone voxel lies elsewhere), in its pixels.
+    rows, cols = np.nonzero(case.findings.mask[k])
+    assert polygon_area(points) == areas[k]
+    assert (points[:, 0].min(), points[:, 0].max()) == (cols.min(), cols.max() + 1)
+    assert (points[:, 1].min(), points[:, 1].max()) == (rows.min(), rows.max() + 1)
+
+
 def test_sr_of_nothing_found_measures_zero(results_cases: dict[str, Case], tmp_path: Path) -> None:
     """ "Analysed, nothing found" is a measurement too: 0 mL of the (empty) segment."""
     case = results_cases["axial"]
@@ -316,7 +366,9 @@ def test_sr_of_nothing_found_measures_zero(results_cases: dict[str, Case], tmp_p
     seg = build_segmentation(case.volume, case.sources, nothing, ResultsSection())
     sr = build_measurement_report(seg, case.sources, nothing, ResultsSection())
     dciodvfy(sr, tmp_path / "sr.dcm")
-    assert sr_volume_ml(hd.sr.srread(tmp_path / "sr.dcm"))[:3] == (0.0, "mL", seg.SOPInstanceUID)
+    back = hd.sr.srread(tmp_path / "sr.dcm")
+    assert sr_volume_ml(back)[:3] == (0.0, "mL", seg.SOPInstanceUID)
+    assert back.content.get_planar_roi_measurement_groups() == []  # no finding, no outline to draw
 
 
 def test_bare_sources_and_full_datasets_both_work(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ scans once more (~12 s); everything after that reads the cache or works on the m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,34 +14,50 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from models.atlas import load_mni152_atlas
+from models.atlas import Atlas, load_mni152_atlas
 from models.data.augment import AugmentConfig, augment_volume
 from models.data.sampler import SliceSampler
 from models.data.volumes import DataError, TrainingVolume, folder_volumes, offline_volumes
-from models.preprocessing import Preprocessed, Preprocessor
+from models.preprocessing import PREPROCESSING_VERSION, Preprocessed, Preprocessor
+from models.preprocessing.intensity import LOW_MARGIN, MEDIAN_LEVEL
 from tests import brains
 from tests.dicom_series import write_mr_series
 
 SHAPE = (50, 96, 96)
-STILL = {"rotation_deg": 0.0, "scale": 0.0, "translation_vox": 0.0, "elastic_vox": 0.0}  # identity warp
+# identity warp, and no new anatomy for the synthetic samples
+STILL = {"rotation_deg": 0.0, "scale": 0.0, "translation_vox": 0.0, "elastic_vox": 0.0, "anatomy_probability": 0.0}
 
 
-class CountingPreprocessor(Preprocessor):
-    """The real preprocessor, counting how often it runs: a cache hit must not run it."""
+class Counter:
+    """Counts how often the real preprocessing runs (every Preprocessor's): a cache hit must not run it."""
 
     def __init__(self) -> None:
-        super().__init__(load_mni152_atlas())
         self.calls = 0
-
-    def __call__(self, image: sitk.Image) -> Preprocessed:
-        self.calls += 1
-        return super().__call__(image)
 
 
 @pytest.fixture(scope="module")
-def preprocessor() -> CountingPreprocessor:
+def counter() -> Iterator[Counter]:
     brains.itk_head()  # skips the module when the Debian data is missing
-    return CountingPreprocessor()
+    count = Counter()
+    run = Preprocessor.__call__
+
+    def counted(self: Preprocessor, image: sitk.Image) -> Preprocessed:
+        count.calls += 1
+        return run(self, image)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Preprocessor, "__call__", counted)
+        yield count
+
+
+@pytest.fixture(scope="module")
+def atlas() -> Atlas:
+    return load_mni152_atlas()
+
+
+@pytest.fixture(scope="module")
+def preprocessor(atlas: Atlas, counter: Counter) -> Preprocessor:
+    return Preprocessor(atlas)
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +66,8 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def offline(preprocessor: CountingPreprocessor, cache_dir: Path) -> list[TrainingVolume]:
-    return offline_volumes(preprocessor, cache_dir)
+def offline(atlas: Atlas, counter: Counter, cache_dir: Path) -> list[TrainingVolume]:
+    return offline_volumes(atlas, cache_dir, spm_archive=None)
 
 
 def tissue_means(image: np.ndarray, tissue: np.ndarray, mask: np.ndarray) -> list[float]:
@@ -64,6 +81,7 @@ def tissue_means(image: np.ndarray, tissue: np.ndarray, mask: np.ndarray) -> lis
 def test_offline_volumes_are_the_two_training_brains(offline: list[TrainingVolume]) -> None:
     assert [v.name for v in offline] == ["mni152", "itk_head"]  # never Colin27
     for v in offline:
+        assert v.contrast == "t1" and v.scaling == PREPROCESSING_VERSION
         assert v.volume.shape == SHAPE and v.volume.dtype == np.float32
         assert v.brain_mask.shape == SHAPE and v.brain_mask.dtype == bool
         assert 0.0 <= v.volume.min() and v.volume.max() <= 1.0
@@ -85,19 +103,34 @@ def test_offline_tissue_sums_to_one_and_orders_the_t1(offline: list[TrainingVolu
 
 
 def test_second_call_reads_the_cache(
-    offline: list[TrainingVolume], preprocessor: CountingPreprocessor, cache_dir: Path
+    offline: list[TrainingVolume], atlas: Atlas, counter: Counter, cache_dir: Path
 ) -> None:
-    calls = preprocessor.calls
-    again = offline_volumes(preprocessor, cache_dir)
-    assert preprocessor.calls == calls  # not preprocessed again
+    calls = counter.calls
+    again = offline_volumes(atlas, cache_dir, spm_archive=None)
+    assert counter.calls == calls  # not preprocessed again
     assert len(list(cache_dir.glob("*.npz"))) == 2
     for before, after in zip(offline, again, strict=True):
         np.testing.assert_array_equal(before.volume, after.volume)
         np.testing.assert_array_equal(before.brain_mask, after.brain_mask)
+        assert (before.contrast, before.scaling) == (after.contrast, after.scaling)
+
+
+def test_the_cache_keeps_preprocessing_versions_apart(
+    offline: list[TrainingVolume], atlas: Atlas, counter: Counter, cache_dir: Path
+) -> None:
+    """A version-1 model fine-tuned on the same brains gets them clipped at the 99th percentile, its own scaling."""
+    calls = counter.calls
+    old = offline_volumes(atlas, cache_dir, version="1", spm_archive=None)
+    assert counter.calls == calls + 2  # not the version-2 entries
+    for v1, v2 in zip(old, offline, strict=True):
+        assert v1.scaling == "1"
+        np.testing.assert_array_equal(v1.brain_mask, v2.brain_mask)
+        assert np.percentile(v1.volume[v1.brain_mask], 99) == pytest.approx(1.0)
+        assert np.median(v2.volume[v2.brain_mask]) == pytest.approx(0.4, abs=0.01)
 
 
 def test_folder_with_a_nifti_and_a_dicom_series(
-    tmp_path: Path, preprocessor: CountingPreprocessor, cache_dir: Path
+    tmp_path: Path, preprocessor: Preprocessor, counter: Counter, cache_dir: Path
 ) -> None:
     head = brains.itk_head()
     site = tmp_path / "site"
@@ -112,23 +145,23 @@ def test_folder_with_a_nifti_and_a_dicom_series(
         assert v.volume.shape == SHAPE and v.tissue is not None
         csf, grey, white = tissue_means(v.volume, v.tissue, v.brain_mask)
         assert white > grey > csf, (v.name, csf, grey, white)
-    calls = preprocessor.calls
+    calls = counter.calls
     folder_volumes(site, preprocessor, cache_dir)
-    assert preprocessor.calls == calls
+    assert counter.calls == calls
 
 
-def test_empty_folder_is_a_data_error(tmp_path: Path, preprocessor: CountingPreprocessor) -> None:
+def test_empty_folder_is_a_data_error(tmp_path: Path, preprocessor: Preprocessor) -> None:
     with pytest.raises(DataError, match="no NIfTI"):
         folder_volumes(tmp_path, preprocessor, tmp_path / "cache")
 
 
-def test_garbage_nifti_is_a_data_error_naming_it(tmp_path: Path, preprocessor: CountingPreprocessor) -> None:
+def test_garbage_nifti_is_a_data_error_naming_it(tmp_path: Path, preprocessor: Preprocessor) -> None:
     (tmp_path / "broken.nii").write_bytes(b"this is not a NIfTI file" * 20)
     with pytest.raises(DataError, match=r"broken\.nii: cannot be read"):
         folder_volumes(tmp_path, preprocessor, tmp_path / "cache")
 
 
-def test_unpreprocessable_scan_is_a_data_error_naming_it(tmp_path: Path, preprocessor: CountingPreprocessor) -> None:
+def test_unpreprocessable_scan_is_a_data_error_naming_it(tmp_path: Path, preprocessor: Preprocessor) -> None:
     sitk.WriteImage(sitk.Image([64, 64, 1], sitk.sitkFloat32), str(tmp_path / "flat.nii.gz"))
     with pytest.raises(DataError, match=r"flat\.nii\.gz: preprocessing failed"):
         folder_volumes(tmp_path, preprocessor, tmp_path / "cache")
@@ -160,8 +193,10 @@ def test_augmented_volumes_look_like_preprocessed_ones(offline: list[TrainingVol
         assert np.all(image[~mask] == 0)
         ratio = mask.sum() / volume.brain_mask.sum()
         assert 0.75 < ratio < 1.25, (seed, ratio)
-        low, high = np.percentile(image[mask], [1, 99])  # the preprocessing's normalisation, again
-        assert low < 0.02 and high > 0.98
+        contrast = ("t1", "t2", "flair")[seed % 3]
+        low, median = np.percentile(image[mask], [1, 50])  # the preprocessing's scaling, again
+        floor = MEDIAN_LEVEL[contrast] * LOW_MARGIN / (1 + LOW_MARGIN)  # where the 1st percentile lands
+        assert low == pytest.approx(floor, abs=0.01) and median == pytest.approx(MEDIAN_LEVEL[contrast], abs=0.01)
 
 
 def test_synthetic_t1_keeps_the_t1_order_and_t2_reverses_it(offline: list[TrainingVolume]) -> None:
