@@ -100,7 +100,7 @@ def test_warm_start_from_a_shipped_file_carries_on_from_its_ema_weights(tmp_path
     assert continued.training["seconds"] > first.training["seconds"]
 
 
-def test_training_lowers_the_validation_loss_and_keeps_snapshots(tmp_path: Path) -> None:
+def test_training_lowers_the_validation_loss_and_keeps_snapshots(tmp_path: Path, one_torch_thread: None) -> None:
     trained = _train(tmp_path / "run.pt", steps=30, snapshot_every=10)
     history = trained.training["history"]
     assert history[-1]["validation_loss"] < history[0]["validation_loss"]
