@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from node.demo.pacs import free_port, stop_process, wait_for_port
 from tests.peers import require_tool
 
@@ -35,17 +33,6 @@ DICOMWEB_ROOT = "/dicom-web"
 
 
 VIEWER_PACKAGES = "apt-get install orthanc orthanc-dicomweb nginx chromium npm"
-
-
-def require_viewer_file(path: Path) -> Path:
-    """A file of the viewer's Debian packages (Orthanc's DICOMweb plugin), or skip (fail under
-    UAD_REQUIRE_PEERS=1) when it is missing."""
-    if not path.is_file():
-        message = f"{path} is missing ({VIEWER_PACKAGES})"
-        if os.environ.get("UAD_REQUIRE_PEERS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def cache_dir() -> Path:

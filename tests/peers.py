@@ -13,6 +13,7 @@ import sys
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -38,21 +39,22 @@ def require_tool(name: str) -> str:
     """Path of an external program, or skip (fail under UAD_REQUIRE_PEERS=1) when it is missing."""
     path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
     if path is None:
-        message = f"{name} is not installed (apt-get install dcmtk orthanc dicom3tools)"
-        if os.environ.get("UAD_REQUIRE_PEERS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{name} is not installed (apt-get install dcmtk orthanc dicom3tools)")
     return path
 
 
-def require_file(path: Path) -> Path:
-    """A data file from a Debian package, or skip (fail under UAD_REQUIRE_PEERS=1) when absent."""
+def require_file(path: Path, install: str = "apt-get install mricron-data insighttoolkit5-examples") -> Path:
+    """A data file from a package, or skip (fail under UAD_REQUIRE_PEERS=1) when absent; ``install`` says how."""
     if not path.is_file():
-        message = f"{path} is missing (apt-get install mricron-data insighttoolkit5-examples)"
-        if os.environ.get("UAD_REQUIRE_PEERS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_peer(f"{path} is missing ({install})")
     return path
+
+
+def missing_peer(message: str) -> NoReturn:
+    """Skip the test, or fail it under UAD_REQUIRE_PEERS=1 (CI, where every peer must be there)."""
+    if os.environ.get("UAD_REQUIRE_PEERS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @dataclass

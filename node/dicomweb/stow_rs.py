@@ -28,11 +28,11 @@ from node.dicomweb.stow_status import (
     InstanceStatus,
     response_body,
 )
-from node.receiver.audit import record_event, safe_uid
+from node.receiver.audit import record_event, report_stored, safe_uid
 from node.receiver.codecs import decodable_transfer_syntaxes
 from node.receiver.observer import StoreObserver
 from node.receiver.part10 import InstanceHeader, read_header, split_part10
-from node.receiver.storage import Caller, InstanceStore, Outcome, StoreRefused
+from node.receiver.storage import Caller, InstanceStore, StoreRefused
 from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,8 @@ class StowReceiver:
         except StoreRefused as refused:
             self._refused(refused, caller, header, sop_instance, time.perf_counter() - started)
             return InstanceStatus(_valid(sop_class), _valid(sop_instance), failure_reason=refused.status)
-        if self.observer is not None:
-            self.observer.stored(header.sop_class_uid, time.perf_counter() - started)
-        patient = f" patient {header.patient_id!r}" if self.log_patient_data else ""
-        log.debug("%s %s from %s by STOW-RS%s", outcome.value, header.sop_instance_uid, caller.ae_title, patient)
-        if outcome is Outcome.REPLACED:
-            log.warning("instance %s re-sent with different content: replaced", header.sop_instance_uid)
+        seconds = time.perf_counter() - started
+        report_stored(header, outcome, caller, seconds, self.observer, self.log_patient_data, " by STOW-RS")
         return InstanceStatus(header.sop_class_uid, header.sop_instance_uid)
 
     def _refused(

@@ -1,4 +1,5 @@
-"""The audit trail of the receiving paths (C-STORE and STOW-RS): one ``events`` row per refusal or rejection.
+"""The audit trail of the receiving paths (C-STORE and STOW-RS): one ``events`` row per refusal or rejection, and
+the report of each stored instance (metrics, log).
 
 Shared so both paths record the same kinds with the same fields; a database outage here is logged and
 never breaks the transfer that is being answered.
@@ -12,8 +13,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.db import Event
 from node.db.database import Database
+from node.receiver.observer import StoreObserver
 from node.receiver.part10 import InstanceHeader
-from node.receiver.storage import Caller
+from node.receiver.storage import Caller, Outcome
 from node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -49,3 +51,22 @@ def safe_uid(value: object) -> str:
     """A UID fit for logs and the database; anything malformed is shown escaped and cut short."""
     text = str(value or "")
     return text if is_valid_uid(text) else ascii(text)[:64]
+
+
+def report_stored(
+    header: InstanceHeader,
+    outcome: Outcome,
+    caller: Caller,
+    seconds: float,
+    observer: StoreObserver | None,
+    log_patient_data: bool,
+    via: str = "",
+) -> None:
+    """A stored instance to the metrics and the log (``via``: " by STOW-RS" for that path); a re-sent instance
+    with different content, which replaced the stored one, is a warning."""
+    if observer is not None:
+        observer.stored(header.sop_class_uid, seconds)
+    patient = f" patient {header.patient_id!r}" if log_patient_data else ""
+    log.debug("%s %s from %s%s%s", outcome.value, header.sop_instance_uid, caller.ae_title, via, patient)
+    if outcome is Outcome.REPLACED:
+        log.warning("instance %s re-sent with different content: replaced", header.sop_instance_uid)

@@ -16,7 +16,7 @@ from pynetdicom.events import Event as NetEvent
 
 from node.db.database import Database
 from node.network import set_tcp_nodelay
-from node.receiver.audit import record_event, safe_uid
+from node.receiver.audit import record_event, report_stored, safe_uid
 from node.receiver.observer import StoreObserver
 from node.receiver.part10 import InstanceHeader, read_header
 from node.receiver.storage import (
@@ -24,7 +24,6 @@ from node.receiver.storage import (
     DATASET_MISMATCH,
     Caller,
     InstanceStore,
-    Outcome,
     StoreRefused,
 )
 
@@ -96,12 +95,7 @@ class ReceiverHandlers:
                 self.observer.refused(refused.status, time.perf_counter() - started)
             return status
         status.Status = 0x0000
-        if self.observer is not None:
-            self.observer.stored(header.sop_class_uid, time.perf_counter() - started)
-        patient = f" patient {header.patient_id!r}" if self.log_patient_data else ""
-        log.debug("%s %s from %s%s", outcome.value, header.sop_instance_uid, caller.ae_title, patient)
-        if outcome is Outcome.REPLACED:
-            log.warning("instance %s re-sent with different content: replaced", header.sop_instance_uid)
+        report_stored(header, outcome, caller, time.perf_counter() - started, self.observer, self.log_patient_data)
         return status
 
     def on_accepted(self, event: NetEvent) -> None:

@@ -24,8 +24,8 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from node.demo.study import build_sample_study
-from tests.ohif import Browser, ohif_dist, require_viewer_file, running_browser, running_viewer
-from tests.peers import REPO, require_tool, running_orthanc
+from tests.ohif import VIEWER_PACKAGES, Browser, ohif_dist, running_browser, running_viewer
+from tests.peers import REPO, require_file, require_tool, running_orthanc
 from tests.tiny_model import write_fast_checkpoint
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(180)]  # the issue's bound: the whole test under 3 minutes
@@ -52,7 +52,7 @@ def viewer_tools() -> None:
     """Skip (fail under UAD_REQUIRE_PEERS=1) without Orthanc, its DICOMweb plugin, nginx or Chromium."""
     for tool in ("Orthanc", "nginx", "chromium"):
         require_tool(tool)
-    require_viewer_file(DICOMWEB_PLUGIN)
+    require_file(DICOMWEB_PLUGIN, VIEWER_PACKAGES)
 
 
 def analysed_study(folder: Path) -> tuple[list[Path], Path]:

@@ -19,7 +19,7 @@ from tests.peers import require_file
 @pytest.fixture(scope="module")
 def archive() -> Path:
     found = spm_templates.spm_archive()
-    return require_file(found if found is not None else Path("spm_runtime/_spm/_spm.ctf (make spm)"))
+    return require_file(found if found is not None else Path("spm_runtime/_spm/_spm.ctf"), "make spm")
 
 
 def test_the_templates_are_whole_heads_in_mni_space(archive: Path) -> None:
