@@ -249,21 +249,42 @@ def write_notice(notice: tuple[Dataset, bytes], folder: Path) -> list[Path]:
 
 
 def _write_durably(folder: Path, objects: dict[str, Dataset], png_name: str, png: bytes) -> list[Path]:
-    """``objects`` (relative path -> data set) and one PNG in a fresh ``folder``, every file and folder fsynced."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    files = []
-    for name, dataset in objects.items():
-        path = folder / name
-        path.parent.mkdir(exist_ok=True)
-        dataset.save_as(path, enforce_file_format=True)
-        files.append(path)
-    (folder / png_name).write_bytes(png)
-    folders = sorted({path.parent for path in files} - {folder})
-    for path in [*files, folder / png_name, *folders, folder, folder.parent]:
-        _fsync(path)
-    return files
+    """``objects`` (relative path -> data set) and one PNG as a fresh ``folder``, every file and folder fsynced.
+
+    Everything is written into a temporary sibling (``.job-N.partial-<pid>``) and renamed into place only when
+    complete, so a process killed mid-write leaves either the old folder or the new one, never half of one (an
+    older folder, from an earlier attempt, is replaced). Leftover temporary siblings are removed on the next write.
+    """
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (f".{folder.name}.partial-*", f".{folder.name}.old-*"):  # left by a writer killed mid-way
+        for stale in parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = parent / f".{folder.name}.partial-{os.getpid()}"
+    staging.mkdir()
+    try:
+        written = []
+        for name, dataset in objects.items():
+            path = staging / name
+            path.parent.mkdir(exist_ok=True)
+            dataset.save_as(path, enforce_file_format=True)
+            written.append(name)
+        (staging / png_name).write_bytes(png)
+        folders = sorted({(staging / name).parent for name in written} - {staging})
+        for path in [*(staging / name for name in written), staging / png_name, *folders, staging]:
+            _fsync(path)
+        old = None
+        if folder.exists():  # rename cannot replace a non-empty folder: move the old one aside first
+            old = parent / f".{folder.name}.old-{os.getpid()}"
+            os.rename(folder, old)
+        os.rename(staging, folder)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return [folder / name for name in written]
 
 
 def _fsync(path: Path) -> None:

@@ -20,7 +20,17 @@ from node import __version__
 from node.config import ConfigError, NodeConfig, load_config
 from node.db.database import open_database
 from node.jobs.store import JobError, JobRecord, JobStore
-from node.status import NodeStatus, collect_jobs, collect_status, disk_status, status_json, status_text
+from node.status import (
+    FileProblemsStatus,
+    NodeStatus,
+    collect_file_problems,
+    collect_jobs,
+    collect_status,
+    collect_workers,
+    disk_status,
+    status_json,
+    status_text,
+)
 
 DEFAULT_CONFIG = Path("config/node.toml")
 
@@ -116,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--contrast",
         choices=("t1", "t2", "flair"),
-        help="default t1; with --resume the run's; with --init the checkpoint's (naming another is an error)",
+        help="default t1; with --resume the run's; with --init the checkpoint's, or another to transfer its weights "
+        "to a new contrast (e.g. a T2 model started from the T1 one)",
     )
     train.add_argument("--batch-size", type=int, help="slices per step (default 16)")
     train.add_argument(
@@ -227,7 +238,10 @@ def _status(args: argparse.Namespace) -> int:
             tables = inspect(db.engine)
             if tables.has_table("series"):
                 jobs = collect_jobs(db) if tables.has_table("jobs") else []
-                status = NodeStatus(disk=status.disk, studies=collect_status(db), jobs=jobs)
+                workers = collect_workers(db) if tables.has_table("workers") else []
+                # instances.file_problem came with the workers table (revision 0004)
+                problems = collect_file_problems(db) if tables.has_table("workers") else FileProblemsStatus()
+                status = NodeStatus(status.disk, collect_status(db), jobs, workers, problems)
         except SQLAlchemyError as exc:
             print(f"cannot read the database: {exc}", file=sys.stderr)
             return 1
@@ -483,4 +497,8 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    from node.receiver.server import reload_tls_files
+
+    # SIGHUP: read the TLS certificate, key and CA files again (on a thread: not inside the signal handler).
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_tls_files, name="sighup").start())
     return run_node(config, stop)

@@ -132,6 +132,12 @@ class StorageSection(_Section):
         return check_uids(values)
 
 
+# The TLS policy of both directions (receiver and sender): TLS 1.2 or 1.3 only; for TLS 1.2 only forward-secret
+# AEAD suites (ECDHE with AES-GCM or ChaCha20-Poly1305, as in BCP 195 / PS3.15 B.9). TLS 1.3 suites are
+# OpenSSL's own (all AEAD, all forward-secret) and are not set here.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL"
+
+
 class TlsSection(_Section):
     """DICOM TLS (PS3.15 B.1/B.9): the node's certificate and who it trusts."""
 

@@ -1,6 +1,11 @@
 """The node as a running service: the receiver, the job scheduler and (with ``[web] enabled``) the HTTP
 interface over one database, until told to stop.
 
+This process holds the receiver (C-STORE, and STOW-RS on the HTTP interface), completion, exports and
+retention; analyses run in separate worker processes that the scheduler's supervisor starts, watches and
+restarts (``node.jobs.supervisor``), so nothing an analysis does (a crash, an OOM kill, ``kill -9``) stops
+the receiver, and no model is ever loaded here.
+
 ``uad-node serve`` runs it on the main thread until SIGTERM; ``uad-node demo`` runs it on a thread.
 """
 
@@ -25,6 +30,8 @@ log = logging.getLogger("node")
 
 # Libraries that narrate routine work at INFO (pynetdicom every PDU, highdicom every attribute it copies) or
 # warn about what is by design (APScheduler: a worker still busy when its next poll comes).
+WORKER_STOP_GRACE_S = 60.0  # a worker's running stage may finish; then it is killed (its job requeued)
+
 _QUIET = {"pynetdicom": logging.WARNING, "highdicom": logging.WARNING, "apscheduler": logging.ERROR}
 
 
@@ -69,6 +76,11 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
             web.stop()
         db.close()
         return 1
+    # Issue 16: files and rows made to agree again (one line in the log). Synchronous, ~1.5 s per 20,000 files:
+    # images are received meanwhile, analysis and retention start after it.
+    from node.receiver.reconcile import reconcile_at_start
+
+    reconcile_at_start(config, db)
     scheduler.start()
     if started is not None:
         started.set()
@@ -77,7 +89,7 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
     receiver.stop()
     if web is not None:  # after the receiver, before the database: STOW-RS requests in flight finish
         web.stop()
-    scheduler.stop()
+    scheduler.stop(grace_s=WORKER_STOP_GRACE_S)
     db.close()
     return 0
 

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from node.config import NodeSection
 from node.db import Instance, Series, Study
 from node.db.database import Database
-from node.db.schema import as_utc
+from node.db.schema import as_utc, utcnow
 from node.jobs.states import JobState
 from node.jobs.store import JobRecord, JobStore
 
@@ -146,15 +146,73 @@ def disk_status(node: NodeSection) -> DiskStatus:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """An analysis worker process as it last reported itself (the workers table)."""
+
+    name: str  # host:pid:slot
+    host: str
+    pid: int
+    state: str  # starting, ready (live); stopped, exited (detail says how)
+    live: bool  # starting or ready, with a heartbeat in the last few seconds
+    current_job: int | None
+    heartbeat_at: str
+    seconds_since_heartbeat: float
+    models: dict[str, str]  # contrast class -> "loading", "loaded" or "failed: <why>"
+    detail: str
+    started_at: str
+
+
+def collect_workers(db: Database) -> list[WorkerStatus]:
+    """Live workers and those that stopped or died in the last hour, oldest first."""
+    from node.jobs.registry import recent_workers
+
+    now = utcnow()
+    return [
+        WorkerStatus(
+            name=w.name,
+            host=w.host,
+            pid=w.pid,
+            state=w.state,
+            live=w.live(now),
+            current_job=w.current_job,
+            heartbeat_at=_utc_iso(w.heartbeat_at),
+            seconds_since_heartbeat=round((now - w.heartbeat_at).total_seconds(), 1),
+            models=w.models,
+            detail=w.detail,
+            started_at=_utc_iso(w.started_at),
+        )
+        for w in recent_workers(db)
+    ]
+
+
+@dataclass(frozen=True)
+class FileProblemsStatus:
+    """Stored images whose file start-up reconciliation found missing or unreadable (``instances``: the first
+    100, each with ``sop_instance_uid``, ``study_uid``, ``series_uid``, ``path`` and ``problem``)."""
+
+    count: int = 0
+    instances: list[dict] = field(default_factory=list)
+
+
+def collect_file_problems(db: Database, limit: int = 100) -> FileProblemsStatus:
+    from node.receiver.reconcile import count_file_problems, file_problems
+
+    return FileProblemsStatus(count_file_problems(db), [asdict(p) for p in file_problems(db, limit=limit)])
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     disk: DiskStatus
     studies: list[StudyStatus] = field(default_factory=list)
     jobs: list[JobStatus] = field(default_factory=list)
+    workers: list[WorkerStatus] = field(default_factory=list)
+    file_problems: FileProblemsStatus = field(default_factory=FileProblemsStatus)
 
 
 def status_json(status: NodeStatus) -> dict:
     """The ``status --json`` contract: ``{"disk": {...}, "studies": [{"study_uid", "series": [...]}],
-    "jobs": [...]}`` with the fields of the dataclasses above."""
+    "jobs": [...], "workers": [...], "file_problems": {"count", "instances"}}`` with the fields of the dataclasses
+    above."""
     return asdict(status)
 
 
@@ -185,6 +243,28 @@ def status_text(status: NodeStatus) -> str:
             lines.append(f"         found {f['anomaly_volume_ml']:.1f} mL in {f['components']} region(s)")
         if stages:
             lines.append(f"         {stages}")
+    if status.workers:
+        lines.append("")
+        lines.append("workers")
+    for w in status.workers:
+        job = f"job {w.current_job}" if w.current_job is not None else "idle" if w.live else "-"
+        health = f"{w.state}" if w.live or w.state not in ("starting", "ready") else f"{w.state}, no heartbeat"
+        lines.append(
+            f"  {w.name:<32} pid {w.pid:<7} {health:<20} {job:<10} heartbeat {w.seconds_since_heartbeat:.0f} s ago"
+        )
+        if w.detail:
+            lines.append(f"         {w.detail}")
+    problems = status.file_problems
+    if problems.count:
+        lines.append("")
+        lines.append(
+            f"files: {problems.count} stored image(s) missing or unreadable (checked at start; events instance_file_*)"
+        )
+        lines.extend(
+            f"  {p['sop_instance_uid']}  {p['problem']}  (series {p['series_uid']})" for p in problems.instances[:5]
+        )
+        if problems.count > 5:
+            lines.append(f"  ... and {problems.count - 5} more")
     disk = status.disk
     state = "REFUSING NEW IMAGES" if disk.refusing_images else "accepting images"
     lines.append("")

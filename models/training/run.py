@@ -43,8 +43,9 @@ def run_training(
     With ``resume``, the run's own config, options and data seed continue, except the options named in
     ``changes`` (a deliberate change of course, e.g. the learning rate: the continuation is then no longer
     what an uninterrupted run would have done). With ``init``, a new run fine-tunes that checkpoint's model
-    on ``data``: its config and contrast (a different ``config_name``, ``contrast`` or ``without_encoder``
-    is an error rather than silently another model), a fresh optimiser and step 0, and the learning rate
+    on ``data``: its config (a different ``config_name`` or ``without_encoder`` is an error rather than
+    silently another model) and its contrast unless ``contrast`` names another (a transfer: the weights of a
+    T1 model start a T2 or FLAIR one), a fresh optimiser and step 0, and the learning rate
     ``FINE_TUNING_LEARNING_RATE`` unless ``changes`` names one. The source's threshold is not carried
     over: fine-tuning changes the scores, so the result must be evaluated again before the node uses it.
     """
@@ -114,10 +115,12 @@ def _fine_tuned_config(start: InitFrom, config_name: str | None, without_encoder
 
 
 def _fine_tuned_contrast(start: InitFrom, contrast: str | None) -> str:
-    """The source's contrast: a T1 model fine-tunes into a T1 model (another contrast would be a new model)."""
+    """The source's contrast unless another is named: anatomy is shared across contrasts, so a model of one
+    is a better start for another than random weights (the campaign's T2 and FLAIR models start this way)."""
     own = start.checkpoint.contrast
     if contrast is not None and contrast != own:
-        raise ValueError(f"{start.source} is a {own} model; --init fine-tunes it as it is (leave out --contrast)")
+        _print_now(f"transfer: the {own} model {start.source} starts a {contrast} model")
+        return contrast
     return own
 
 

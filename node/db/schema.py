@@ -106,6 +106,8 @@ class Instance(Base):
     calling_host: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     replaced_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Set by start-up reconciliation when the row's file is missing or unreadable ("" when fine).
+    file_problem: Mapped[str] = mapped_column(Text, default="", server_default="")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -191,5 +193,30 @@ class Job(Base):
     inferring_at: Mapped[datetime | None] = mapped_column(nullable=True)
     exporting_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # workers.name of the process that claimed the running analysis ("" when none)
+    worker: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     __table_args__ = (UniqueConstraint("series_id", "version", name="uq_jobs_series_version"),)
+
+
+class Worker(Base):
+    """One analysis worker process, as it last reported itself (``status``, readiness, supervision).
+
+    ``name`` is unique per process (host, pid and slot), so a restarted worker is a new row and the
+    history of crashes stays readable. ``models`` is JSON: contrast class -> "loading", "loaded" or
+    "failed: <why>".
+    """
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    pid: Mapped[int] = mapped_column(Integer, default=0)
+    role: Mapped[str] = mapped_column(String(16), default="worker")
+    state: Mapped[str] = mapped_column(String(16), default="starting")  # starting, ready, stopped, exited
+    detail: Mapped[str] = mapped_column(Text, default="")  # why it exited, when it did
+    models: Mapped[str] = mapped_column(Text, default="{}")
+    current_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -54,6 +54,20 @@ class JobsSection(_Section):
         description="CPU threads for the model; 0 = all cores. Fewer when other work shares the machine",
     )
     poll_interval_s: float = Field(1.0, gt=0, le=60, description="how often completion and due work are checked")
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="how much lower than the receiver's the CPU priority of analysis worker processes is "
+        "(os.nice), so C-STORE keeps its speed while an analysis runs; 0 = the same priority",
+    )
+    worker_memory_mb: int = Field(
+        0,
+        ge=0,
+        description="address-space limit of each analysis worker process in MiB (RLIMIT_AS); 0 = none. It bounds "
+        "virtual memory, not resident memory: PyTorch maps far more than it touches, so leave ample headroom "
+        "(a few GB with the default model); an analysis that exceeds it fails or kills its worker",
+    )
     analysis_attempts: int = Field(3, ge=1, description="tries of an analysis that fails transiently (disk, memory)")
     analysis_retry_delay_s: float = Field(60.0, ge=0, description="first wait before another try; doubles each time")
     export_attempts: int = Field(10, ge=1, description="tries per destination before a job fails")

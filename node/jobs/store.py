@@ -128,8 +128,9 @@ class JobStore:
 
     # -- the worker's side ----------------------------------------------------------------------
 
-    def claim(self, now: datetime | None = None) -> JobRecord | None:
-        """Take the oldest due queued job into ``preprocessing`` (one attempt more), or None."""
+    def claim(self, now: datetime | None = None, worker: str = "") -> JobRecord | None:
+        """Take the oldest due queued job into ``preprocessing`` (one attempt more) for ``worker`` (its name in
+        the workers table, recorded in ``jobs.worker``; "" in-process), or None."""
         now = now or utcnow()
         with self.db.session.begin() as session:
             candidates = session.scalars(
@@ -151,6 +152,7 @@ class JobStore:
                         finished_at=None,
                         next_attempt_at=None,
                         attempts=Job.attempts + 1,
+                        worker=worker,
                     )
                 ).rowcount
                 if taken:
@@ -202,6 +204,42 @@ class JobStore:
         due = utcnow() + timedelta(seconds=delay_s)
         return self.move(job_id, expected, JobState.QUEUED, reason=reason, next_attempt_at=due, results_dir="")
 
+    def requeue_from_dead_worker(
+        self, worker: str, why: str, max_attempts: int, count_attempt: bool = True
+    ) -> JobRecord | None:
+        """The worker process ``worker`` died (``why``: "SIGKILL", "exit code 3"): its job, if it was still
+        analysing it, goes back to the queue with the attempt the claim counted, in one guarded UPDATE (state
+        analysing, or exporting without recorded results, i.e. killed while writing them; and still this
+        worker's). ``count_attempt`` False: serve killed it for not stopping in time, which is no fault of the
+        series. Returns the job as it was before, or None when the worker held none."""
+        with self.db.session() as session:
+            row = session.scalars(select(Job).where(Job.worker == worker, _held_by_a_worker())).first()
+            if row is None:
+                return None
+            job = JobRecord.of(row)
+        values: dict[str, object] = {}
+        if not count_attempt:
+            values["attempts"] = Job.attempts - 1
+            reason = f"worker {worker} killed ({why}) when the node stopped during {job.state}; analysing again"
+        elif job.attempts >= max_attempts:
+            reason = f"worker {worker} died ({why}) during {job.state}; attempt {job.attempts} of {max_attempts}; "
+            reason += "not analysing again"
+        else:
+            reason = f"worker {worker} died ({why}) during {job.state}; attempt {job.attempts} of {max_attempts}; "
+            reason += "analysing again"
+        with self.db.session.begin() as session:
+            moved = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.worker == worker, _held_by_a_worker())
+                .values(state=str(JobState.QUEUED), reason=reason, next_attempt_at=None, results_dir="", **values)
+            ).rowcount
+        return job if moved else None
+
+    def holds_job(self, worker: str) -> bool:
+        """Whether the worker process ``worker`` is analysing a job (or writing its results) now."""
+        with self.db.session() as session:
+            return session.scalar(select(Job.id).where(Job.worker == worker, _held_by_a_worker()).limit(1)) is not None
+
     def cancel_requested(self, job_id: int) -> bool:
         with self.db.session() as session:
             return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
@@ -232,18 +270,17 @@ class JobStore:
         end it as not screened (``Worker.run`` checks the attempts before analysing)."""
         changed: list[tuple[JobRecord, JobState]] = []
         with self.db.session() as session:
-            rows = session.scalars(
-                select(Job).where(Job.state.in_([str(JobState.PREPROCESSING), str(JobState.INFERRING)]))
-            ).all()
+            rows = session.scalars(select(Job).where(_held_by_a_worker())).all()
             interrupted = [JobRecord.of(row) for row in rows]
         for job in interrupted:
             if job.cancel_requested:
                 state, values = JobState.CANCELLED, {"reason": "cancelled by an admin (while the node was stopped)"}
             elif job.attempts >= max_attempts:  # the worker sends its NOT SCREENED notice instead of analysing
                 reason = f"analysis interrupted {job.attempts} times (the node stopped or crashed during it)"
-                state, values = JobState.QUEUED, {"reason": f"{reason}; not analysing again"}
+                state, values = JobState.QUEUED, {"reason": f"{reason}; not analysing again", "results_dir": ""}
             else:
                 state, values = JobState.QUEUED, {"reason": "interrupted by a restart; analysing again"}
+                values["results_dir"] = ""
             if self.move(job.id, job.state, state, **values):
                 changed.append((job, state))
         return changed
@@ -312,3 +349,10 @@ class JobStore:
                 row.state, row.reason, row.finished_at = str(JobState.CANCELLED), "cancelled by an admin", utcnow()
             session.flush()
             return JobRecord.of(row)
+
+
+def _held_by_a_worker():  # type: ignore[no-untyped-def]
+    """A job a worker holds: analysing, or exporting before its results were recorded (while writing them)."""
+    return Job.state.in_([str(JobState.PREPROCESSING), str(JobState.INFERRING)]) | (
+        (Job.state == str(JobState.EXPORTING)) & (Job.results_dir == "")
+    )

@@ -96,9 +96,8 @@ class Worker:
         files: list[Path] = []
         try:
             files = self._files(job)  # first: images deleted by retention fail the job, not a transient retry
-            if job.attempts > self.jobs.analysis_attempts:  # requeued by start-up recovery (see JobStore.recover)
-                interrupted = job.attempts - 1
-                raise AnalysisError(f"analysis interrupted {interrupted} times (the node stopped or crashed during it)")
+            if job.attempts > self.jobs.analysis_attempts:  # requeued after a worker died or the node stopped
+                raise AnalysisError(_interrupted(job))
             model = job.model or self._decide_again(job)
             analysis = self.analyser.analyse(files, Path(model), on_stage=enter)
             folder = self.results_root / f"job-{job.id}"
@@ -183,6 +182,16 @@ class Worker:
         if not files:
             raise AnalysisError("none of the series' images is on disk any more (deleted by retention?)")
         return files
+
+
+def _interrupted(job: JobRecord) -> str:
+    """Why a job interrupted ``analysis_attempts`` times is not analysed again: the last interruption's reason
+    (``JobStore.requeue_from_dead_worker``: "worker host:pid:1 died (SIGKILL) during inferring; ...")."""
+    interrupted = job.attempts - 1
+    last = job.reason.split(";")[0] if job.reason.startswith("worker ") else ""
+    if last:
+        return f"analysis interrupted {interrupted} times, its worker process killed (last: {last})"
+    return f"analysis interrupted {interrupted} times (a worker died or the node stopped or crashed during it)"
 
 
 def _log(job: JobRecord, message: str) -> None:

@@ -26,10 +26,12 @@ import select
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from copy import deepcopy
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from pynetdicom import evt
@@ -77,9 +79,25 @@ class SenderGate:
             for ae, nets in self.rules
         )
 
+    def refusal(self, calling_ae: str, host: str) -> str | None:
+        """None when the caller may associate, else why not (the audit detail; no patient data)."""
+        if self.permits(calling_ae, host):
+            return None
+        if any(calling_ae == ae for ae, _ in self.rules):
+            return f"host {host} not allowed for calling AE title {calling_ae!r}"
+        return f"unknown calling AE title {calling_ae!r}"
+
+
+# Why an association was refused, set on the association before EVT_REJECTED fires, for the audit
+# (``ReceiverHandlers.on_rejected``); pynetdicom's own rejections leave it unset and are told by their
+# (result, source, diagnostic).
+REFUSAL_ATTRIBUTE = "uad_refusal"
+SHUTTING_DOWN = "node shutting down"
+
 
 class _GatedACSE(ACSE):
-    """ACSE that rejects callers the gate does not permit (reason: calling AE not recognised)."""
+    """ACSE that rejects callers the gate does not permit (reason: calling AE not recognised), and
+    everyone once the server is stopping (transient: the sender retries elsewhere or later)."""
 
     def __init__(self, assoc: Association, gate: SenderGate) -> None:
         super().__init__(assoc)
@@ -89,18 +107,27 @@ class _GatedACSE(ACSE):
         primitive = self.requestor.primitive
         calling = (primitive.calling_ae_title if primitive else "").strip()
         host = str(self.requestor.address)
-        if not self._gate.permits(calling, host):
-            self.requestor.ae_title = calling
+        if getattr(getattr(self.assoc, "_server", None), "stopping", False):
+            # rejected-transient, service-user, no-reason-given (PS3.8 9.3.4)
+            self._reject(calling, SHUTTING_DOWN, (0x02, 0x01, 0x01))
+            return
+        if (reason := self._gate.refusal(calling, host)) is not None:
             # rejected-permanent, service-user, calling-AE-title-not-recognized (PS3.8 9.3.4)
-            self.send_reject(0x01, 0x01, 0x03)
-            evt.trigger(self.assoc, evt.EVT_REJECTED, {})
-            self.assoc.kill()
+            self._reject(calling, reason, (0x01, 0x01, 0x03))
             return
         super()._negotiate_as_acceptor()
 
+    def _reject(self, calling: str, reason: str, rsd: tuple[int, int, int]) -> None:
+        self.requestor.ae_title = calling
+        setattr(self.assoc, REFUSAL_ATTRIBUTE, reason)
+        self.send_reject(*rsd)
+        evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+        self.assoc.kill()
+
 
 class _WakingDUL(DULServiceProvider):
-    """pynetdicom's DUL thread, waiting in select() instead of napping between polls."""
+    """pynetdicom's DUL thread, waiting in select() instead of napping between polls, and reading each
+    PDU with a few recv_into() calls instead of one recv() per 4 KiB."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__(assoc)
@@ -108,6 +135,14 @@ class _WakingDUL(DULServiceProvider):
         self._wake_rx, self._wake_tx = socket.socketpair()
         self._wake_rx.setblocking(False)
         self._wake_tx.setblocking(False)
+
+    def _read_pdu_data(self) -> None:
+        # pynetdicom's AssociationSocket.recv reads 4 KiB per recv() call: 130 calls for a 512x512 slice.
+        # Give this association's transport a reader that takes what the socket has (same semantics).
+        transport = self.socket
+        if transport is not None and "recv" not in vars(transport):
+            transport.recv = partial(_recv_available, transport)  # type: ignore[method-assign]
+        super()._read_pdu_data()
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -145,6 +180,36 @@ class _WakingDUL(DULServiceProvider):
                 # acceptor would wait out the ACSE timeout for an A-ASSOCIATE-RQ that cannot come,
                 # holding one of max_associations; end that wait now.
                 self.to_user_queue.put(None)
+
+
+# How long a timed-out association's A-ABORT may take to go out before its socket is shut down.
+_ABORT_GRACE_S = 1.0
+
+# Bytes allocated ahead of their arrival: a peer's PDU length is not trusted further than this.
+_RECV_PREALLOCATE = 4 << 20
+
+
+def _recv_available(transport: AssociationSocket, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` in fewer system calls and copies (recv_into a buffer that takes what the
+    socket has): read until ``nr_bytes`` have arrived, or return what arrived before the peer closed the
+    connection; socket errors and timeouts propagate as there."""
+    sock = transport.socket
+    assert sock is not None
+    data = bytearray(min(nr_bytes, _RECV_PREALLOCATE))
+    received = 0
+    while received < nr_bytes:
+        if received == len(data):  # more than preallocated: grow as the data arrives
+            data.extend(bytes(min(nr_bytes - received, len(data))))
+        view = memoryview(data)[received:]
+        try:
+            count = sock.recv_into(view)
+        finally:
+            view.release()
+        if not count:
+            break
+        received += count
+    del data[received:]
+    return data
 
 
 class _DirectStoreReplies(DIMSEServiceProvider):
@@ -195,6 +260,9 @@ class NodeAssociation(Association):
         self.acse = _GatedACSE(self, gate)
         self.dul = _WakingDUL(self)
         self.dimse = _DirectStoreReplies(self)
+        # pynetdicom set the AE's timeouts on the layers just replaced: set them again on the new ones, or its
+        # defaults (30 s ARTIM, 60 s idle) would hold a silent sender's slot whatever the config says.
+        self.acse_timeout, self.network_timeout = ae.acse_timeout, ae.network_timeout
 
     def _run_reactor(self) -> None:
         """pynetdicom's acceptor loop (MIT licence), with the fixed 1 ms sleep replaced by a
@@ -234,24 +302,54 @@ class NodeAssociation(Association):
 
             if self.dul.idle_timer_expired():
                 log.error("network timeout: aborting association with %s", self.requestor.ae_title)
-                self.abort()
-                self.kill()
+                self._abort_stalled()
                 return
+
+    def _abort_stalled(self) -> None:
+        """A-ABORT a peer gone silent. pynetdicom's blocking abort waits for the DUL thread, which a peer that
+        stopped half way through a PDU keeps inside recv() forever: give the A-ABORT a moment to go out, then
+        shut the socket down under it (the recv returns, the thread ends) and end the association."""
+        self.abort(block=False)  # queues the A-ABORT and reports EVT_ABORTED
+        deadline = time.monotonic() + _ABORT_GRACE_S
+        while self.dul.is_alive() and not self.dul.stop_dul() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.dul.socket is not None:
+            self.dul.socket._shutdown_socket()
+        self.kill()
 
 
 class NodeServer(ThreadedAssociationServer):
     """Accepts connections without the TLS handshake, which pynetdicom does in its single accept
     thread with no timeout (one silent client would stall everyone); the handshake runs in the
-    connection's own thread instead (``NodeRequestHandler``)."""
+    connection's own thread instead (``NodeRequestHandler``). ``ssl_context`` is read per connection,
+    so replacing it (SIGHUP) applies to the next one; ``stopping`` makes new associations be refused."""
+
+    stopping = False
 
     def get_request(self) -> tuple[socket.socket, Any]:
         return self.socket.accept()
 
 
-def request_handler_for(gate: SenderGate, handshake_timeout_s: float) -> type[RequestHandler]:
+def tls_failure(exc: BaseException, handshake_timeout_s: float) -> str:
+    """Why a TLS handshake failed, in OpenSSL's words where it has them (the audit detail)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"client certificate rejected: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or str(exc)).replace("_", " ").lower()
+    if isinstance(exc, TimeoutError):
+        return f"no handshake within {handshake_timeout_s:g} s"
+    return getattr(exc, "strerror", None) or str(exc) or exc.__class__.__name__
+
+
+def request_handler_for(
+    gate: SenderGate,
+    handshake_timeout_s: float,
+    on_tls_refused: Callable[[str, str], None] | None = None,
+) -> type[RequestHandler]:
     """A pynetdicom request handler class whose associations are ``NodeAssociation``.
 
-    Mirrors ``RequestHandler._create_association``, which hard-codes the class.
+    Mirrors ``RequestHandler._create_association``, which hard-codes the class. A failed TLS
+    handshake (before pynetdicom sees any association) goes to ``on_tls_refused(host, reason)``.
     """
 
     class NodeRequestHandler(RequestHandler):
@@ -260,11 +358,20 @@ def request_handler_for(gate: SenderGate, handshake_timeout_s: float) -> type[Re
             if context is not None:
                 try:
                     self.request.settimeout(handshake_timeout_s)
+                    if not self.request.recv(1, socket.MSG_PEEK):
+                        # Closed without sending a byte: a port probe (readiness check), not an association attempt.
+                        log.debug("connection from %s closed before a TLS handshake", self.client_address[0])
+                        self.request.close()
+                        return
                     self.request = context.wrap_socket(self.request, server_side=True)
                     self.request.settimeout(None)
                 except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                    log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
                     self.request.close()
+                    reason = f"TLS handshake failed: {tls_failure(exc, handshake_timeout_s)}"
+                    if on_tls_refused is not None:
+                        on_tls_refused(str(self.client_address[0]), reason)
+                    else:
+                        log.warning("association refused from %s: %s", self.client_address[0], reason)
                     return
             super().handle()
 

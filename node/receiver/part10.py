@@ -7,6 +7,7 @@ generic paths cost more than the fsyncs on these machines.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -83,13 +84,26 @@ _LAST_NEEDED = BaseTag(0x00200013)  # InstanceNumber; every attribute read lies 
 
 
 def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
-    """Parse the data set only up to Instance Number; raises ValueError when it cannot be read."""
+    """Parse the data set only up to Instance Number; raises ValueError when it cannot be read.
+
+    Little endian data sets whose first elements are plain (defined lengths, printable ASCII values, one
+    value each) are read by a direct scan (~20x faster than pydicom); anything else, and every data set the
+    scan is not sure of, is read by pydicom as before, so both give the same header."""
+    if transfer_syntax_uid != ExplicitVRBigEndian and transfer_syntax_uid != DeflatedExplicitVRLittleEndian:
+        header = _scan_header(memoryview(dataset), transfer_syntax_uid)
+        if header is not None:
+            return header
+    return _read_header_pydicom(dataset, transfer_syntax_uid)
+
+
+def _read_header_pydicom(dataset: bytes | memoryview, transfer_syntax_uid: str) -> InstanceHeader:
+    """``read_header`` by pydicom: any transfer syntax, any encoding pydicom reads."""
     try:
         raw = bytes(dataset)
         if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
             raw = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw)
         ds = read_dataset(
-            _WholeReads(raw),
+            WholeReads(raw),
             is_implicit_VR=transfer_syntax_uid == ImplicitVRLittleEndian,
             is_little_endian=transfer_syntax_uid != ExplicitVRBigEndian,
             stop_when=lambda tag, vr, length: tag > _LAST_NEEDED,
@@ -111,11 +125,94 @@ def read_header(dataset: bytes | memoryview, transfer_syntax_uid: str) -> Instan
         raise ValueError(f"unreadable data set ({type(exc).__name__})") from exc
 
 
+# The elements read_header needs: (group << 16 | element) -> (field, VR as encoded in explicit VR).
+_NEEDED = {
+    0x00080016: ("sop_class_uid", b"UI"),
+    0x00080018: ("sop_instance_uid", b"UI"),
+    0x00080060: ("modality", b"CS"),
+    0x0008103E: ("series_description", b"LO"),
+    0x00100020: ("patient_id", b"LO"),
+    0x0020000D: ("study_uid", b"UI"),
+    0x0020000E: ("series_uid", b"UI"),
+    0x00200011: ("series_number", b"IS"),
+    0x00200013: ("instance_number", b"IS"),
+}
+_EXPLICIT_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+_PLAIN_TEXT = re.compile(rb"[\x20-\x5b\x5d-\x7e]*")  # printable ASCII without backslash: one plain value
+_PLAIN_UID = re.compile(rb"[\x20-\x5b\x5d-\x7e]*\x00?")  # ... and UIDs may end in their NUL pad
+_TAG_LE = struct.Struct("<HH")
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")
+_LENGTH_32 = struct.Struct("<I")
+
+
+def _scan_header(view: memoryview, transfer_syntax_uid: str) -> InstanceHeader | None:
+    """The header by a direct scan of a little endian data set, or None whenever pydicom must decide
+    (undefined lengths, values cut off by the end, unexpected VRs, non-ASCII or multi-valued text)."""
+    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
+    size = len(view)
+    position = 0
+    found: dict[str, bytes] = {}
+    while position < size:
+        if position + 8 > size:
+            return None
+        if implicit:
+            group, element = _TAG_LE.unpack_from(view, position)
+            (length,) = _LENGTH_32.unpack_from(view, position + 4)
+            vr = None
+            position += 8
+        else:
+            group, element, vr, length = _EXPLICIT_SHORT.unpack_from(view, position)
+            if vr not in _EXPLICIT_VRS:
+                return None
+            if vr in _LONG_LENGTH_VRS:
+                if position + 12 > size:
+                    return None
+                (length,) = _LENGTH_32.unpack_from(view, position + 8)
+                position += 12
+            else:
+                position += 8
+        tag = group << 16 | element
+        if tag > _LAST_NEEDED:
+            break
+        if length == 0xFFFFFFFF or position + length > size:
+            return None
+        needed = _NEEDED.get(tag)
+        if needed is not None:
+            name, expected_vr = needed
+            if vr is not None and vr != expected_vr:
+                return None
+            value = bytes(view[position : position + length])
+            if (_PLAIN_UID if expected_vr == b"UI" else _PLAIN_TEXT).fullmatch(value) is None:
+                return None
+            found[name] = value
+        position += length
+    text = {name: value.decode("ascii").rstrip("\x00").strip() for name, value in found.items()}
+    try:
+        series_number = int(text["series_number"]) if text.get("series_number") else None
+        instance_number = int(text["instance_number"]) if text.get("instance_number") else None
+    except ValueError:
+        return None  # pydicom's IS is more lenient ("1.0"): let it decide
+    return InstanceHeader(
+        sop_class_uid=text.get("sop_class_uid", ""),
+        sop_instance_uid=text.get("sop_instance_uid", ""),
+        study_uid=text.get("study_uid", ""),
+        series_uid=text.get("series_uid", ""),
+        transfer_syntax_uid=transfer_syntax_uid,
+        modality=text.get("modality", ""),
+        series_number=series_number,
+        series_description=text.get("series_description", ""),
+        instance_number=instance_number,
+        patient_id=text.get("patient_id", ""),
+    )
+
+
 class _Truncated(Exception):
     pass
 
 
-class _WholeReads(BytesIO):
+class WholeReads(BytesIO):
     """A buffer that refuses short reads: pydicom takes a value cut off by the end of the data
     for a complete one (a truncated UID would file the image under the wrong series). A read
     that finds nothing at all is the data set's normal end."""

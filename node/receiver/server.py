@@ -15,7 +15,7 @@ from pynetdicom.presentation import PresentationContext, StoragePresentationCont
 from pynetdicom.sop_class import Verification
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from node.config import NodeConfig, TlsSection
+from node.config import TLS12_CIPHERS, NodeConfig, TlsSection
 from node.db.database import Database
 from node.receiver.association import NodeServer, SenderGate, request_handler_for
 from node.receiver.codecs import decodable_transfer_syntaxes, missing_decoders
@@ -42,11 +42,14 @@ def presentation_contexts(config: NodeConfig) -> list[PresentationContext]:
 
 
 def tls_context(tls: TlsSection) -> ssl.SSLContext | None:
-    """Server-side TLS context, or None when TLS is off."""
+    """Server-side TLS context, or None when TLS is off: TLS 1.2+ with ``TLS12_CIPHERS`` for TLS 1.2, the
+    certificate, key and CA files read now (OSError or ssl.SSLError when one is missing or bad)."""
     if not tls.enabled:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(str(tls.certificate), str(tls.private_key))
     if tls.ca_certificates is None:  # config validation allows this only without client certificates
         context.verify_mode = ssl.CERT_NONE
@@ -54,6 +57,14 @@ def tls_context(tls: TlsSection) -> ssl.SSLContext | None:
     context.load_verify_locations(cafile=str(tls.ca_certificates))
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
     return context
+
+
+def reload_tls_files() -> None:
+    """SIGHUP: every receiver running in this process reads its TLS files again (``Receiver.reload_tls``)."""
+    with _running_lock:
+        receivers = list(_running)
+    for receiver in receivers:
+        receiver.reload_tls()
 
 
 def sender_gate(config: NodeConfig) -> SenderGate:
@@ -107,14 +118,31 @@ class Receiver:
             ssl_context=tls_context(self.config.tls),
             evt_handlers=handlers.bindings(),
             server_class=NodeServer,
-            request_handler=request_handler_for(sender_gate(self.config), node.acse_timeout_s),
+            request_handler=request_handler_for(sender_gate(self.config), node.acse_timeout_s, handlers.on_tls_refused),
         )
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="uad-node-scp", daemon=True)
         self._thread.start()
+        with _running_lock:
+            _running.append(self)
         host, port = self._server.server_address[:2]
         log.info("listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else "")
         return str(host), int(port)
+
+    def reload_tls(self) -> bool:
+        """Read the certificate, key and CA files again (SIGHUP): new connections use them, those open keep
+        theirs. A file that cannot be read or does not fit is logged and the current context kept; False then."""
+        server = self._server
+        if server is None or not self.config.tls.enabled:
+            return False
+        try:
+            context = tls_context(self.config.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.error("TLS files not reloaded, keeping the current ones: %s", exc)
+            return False
+        server.ssl_context = context
+        log.info("TLS certificate, key and CA files reloaded (%s)", self.config.tls.certificate)
+        return True
 
     @property
     def listening(self) -> bool:
@@ -130,6 +158,9 @@ class Receiver:
         if self._server is None:
             return
         server, self._server = self._server, None
+        with _running_lock:
+            _running[:] = [receiver for receiver in _running if receiver is not self]
+        server.stopping = True  # an association still negotiating is refused ("node shutting down")
         self.store.close()
         # pynetdicom's own shutdown() expects start_server(); stop the serve loop and close here.
         socketserver.BaseServer.shutdown(server)
@@ -143,6 +174,12 @@ class Receiver:
             if assoc.is_alive():
                 _drop(assoc)
         log.info("receiver stopped")
+
+
+# The receivers started and not yet stopped in this process, for ``reload_tls_files`` (a signal handler cannot
+# be handed one).
+_running: list[Receiver] = []
+_running_lock = threading.Lock()
 
 
 def _drop(assoc: Association) -> None:

@@ -11,10 +11,16 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+
+# NumberOfFrames is the sender's claim and sizes nothing on its own: beyond this many frames an instance is
+# counted as this many (no MR instance comes near it; an Enhanced MR of a long fMRI run has a few thousand).
+# Trusting it made one instance claiming 2**31-1 frames allocate 16 GB in serve and get it OOM-killed.
+MAX_FRAMES = 65_536
 
 # The free-text names that describe what a series is, most specific first: the description is set per
 # series; GE puts the whole exam's protocol name in ProtocolName; SequenceName and (Enhanced MR)
@@ -137,7 +143,7 @@ def _images(ds: Dataset) -> Iterator[_Image]:
     A multi-frame instance without functional groups gives its frames no position of their own."""
     shared = ds.get("SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    frames = _int(ds.get("NumberOfFrames")) or 1
+    frames = min(max(_int(ds.get("NumberOfFrames")) or 1, 1), MAX_FRAMES)
     if not shared and not per_frame:
         position = _position(ds.get("ImagePositionPatient")) if frames == 1 else None
         image = _Image(
@@ -148,10 +154,10 @@ def _images(ds: Dataset) -> Iterator[_Image]:
             b_value=_number(ds.get("DiffusionBValue")),
             frame_type=(),
         )
-        yield from [image] * frames
+        yield from repeat(image, frames)
         return
     shared_item = (shared[0],) if shared else ()
-    for index in range(max(frames, len(per_frame or ()))):
+    for index in range(min(max(frames, len(per_frame or ())), MAX_FRAMES)):
         groups = ((per_frame[index],) if per_frame and index < len(per_frame) else ()) + shared_item
         yield _Image(
             position=_position(_macro(groups, "PlanePositionSequence", "ImagePositionPatient")),

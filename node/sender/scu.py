@@ -24,7 +24,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.presentation import PresentationContext
 
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from node.config import Destination, NodeConfig, TlsSection
+from node.config import TLS12_CIPHERS, Destination, NodeConfig, TlsSection
 from node.network import set_tcp_nodelay
 from node.sender.outcomes import DeliveryState, Verdict, classify_rejection, classify_store_status
 
@@ -115,10 +115,12 @@ def requested_contexts(headers: Iterable[FileHeader]) -> list[PresentationContex
 def tls_client_context(tls: TlsSection) -> ssl.SSLContext:
     """Client-side TLS: verify the destination against the node's CA bundle (or the system
     store) and its host name, and present the node's certificate when it has one, since
-    DICOM TLS peers usually require a client certificate (PS3.15 B.1)."""
+    DICOM TLS peers usually require a client certificate (PS3.15 B.1). TLS 1.2+ with ``TLS12_CIPHERS``
+    for TLS 1.2, as the receiver. Built per association, so renewed files are used without a restart."""
     cafile = str(tls.ca_certificates) if tls.ca_certificates is not None else None
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
     if tls.certificate is not None and tls.private_key is not None:
         context.load_cert_chain(str(tls.certificate), str(tls.private_key))
     return context

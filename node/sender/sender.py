@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from node.config import Destination, NodeConfig
 from node.db.database import Database
 from node.dicomweb import stow_client  # a module, not its names: stow_client imports node.sender too
@@ -29,7 +31,10 @@ from node.sender.scu import AssociationSettings, FileHeader, connect, read_file_
 log = logging.getLogger(__name__)
 
 SendOutcome = Literal["delivered", "retry", "failed"]
-_RECORD_BATCH = 64  # instances per database write: progress survives a crash without a commit per file
+# Each outcome is written as it comes (one small transaction per result object), so a crash mid-export
+# re-sends at most the object in flight. Batches of 64 re-sent every result the PACS had acknowledged since
+# the last write: kill -9 during an export duplicated them at the PACS (tests/faults/test_kill9.py).
+_RECORD_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,11 @@ class Sender:
             nonlocal recorded
             outcomes.append(outcome)
             if len(outcomes) - recorded >= _RECORD_BATCH:
-                self._ledger.record(destination.name, outcomes[recorded:])
+                try:
+                    self._ledger.record(destination.name, outcomes[recorded:])
+                except SQLAlchemyError as exc:  # the database is away: written with the rest at the end
+                    log.warning("delivery outcome not recorded yet (database error: %s)", exc)
+                    return
                 recorded = len(outcomes)
 
         # The one place that picks a transport; retry, backoff and the ledger are the same for both.

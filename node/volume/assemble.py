@@ -92,6 +92,13 @@ def _pixels(instance: Instance, header: Dataset) -> np.ndarray:
     syntax = meta.TransferSyntaxUID.name if "TransferSyntaxUID" in meta else "transfer syntax unknown"
     try:
         ds = instance if isinstance(instance, Dataset) else pydicom.dcmread(instance)
+    except Exception as exc:  # pydicom raises many types on malformed files; all mean "unreadable"
+        raise VolumeRejected(f"the pixel data of {label} cannot be read ({syntax}): {_say(exc)}") from exc
+    if "PixelData" not in ds:
+        raise VolumeRejected(f"{label} has no pixel data")
+    if not ds.PixelData:  # zero length: pydicom gives None or b"", and its decoders fail with a TypeError
+        raise VolumeRejected(f"the pixel data of {label} is empty (zero length)")
+    try:
         pixels = ds.pixel_array
     except Exception as exc:  # decoders raise many types for corrupt, truncated or undecodable pixel data
         raise VolumeRejected(f"the pixel data of {label} cannot be read ({syntax}): {_say(exc)}") from exc

@@ -15,7 +15,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from node.config import NodeConfig
 from node.db.database import Database
 from node.jobs.store import JobError, JobRecord, JobStore
-from node.status import NodeStatus, collect_jobs, collect_status, disk_status
+from node.status import NodeStatus, collect_jobs, collect_status, collect_workers, disk_status
 from node.web.auth import refuse_write
 from node.web.health import ReadinessChecks
 from node.web.metrics import NodeMetrics
@@ -113,7 +113,10 @@ class WebHandlers:
 
     def _page_data(self) -> PageData:
         status = NodeStatus(
-            disk=disk_status(self.config.node), studies=collect_status(self.db), jobs=collect_jobs(self.db)
+            disk=disk_status(self.config.node),
+            studies=collect_status(self.db),
+            jobs=collect_jobs(self.db),
+            workers=collect_workers(self.db),
         )
         return PageData(status=status, events=recent_events(self.db), readiness=self.checks.check())
 

@@ -25,7 +25,8 @@ class Part:
 @dataclass(frozen=True)
 class ReadinessChecks:
     """The parts /readyz looks at. ``listening`` and ``models`` are read from the running receiver and scheduler
-    (contrast class -> "loading", "loaded" or "failed: why")."""
+    (contrast class -> "loading", "loaded" or "failed: why"); with analysis worker processes, a model is loaded
+    when a live worker reports it loaded in the workers table (``node.jobs.registry.model_states``)."""
 
     listening: Callable[[], bool]
     db: Database

@@ -68,6 +68,7 @@ class StatusPage:
             series_count=sum(len(study.series) for study in data.status.studies),
             jobs=list(reversed(data.status.jobs)),  # newest first
             job_counts=counts,
+            workers=data.status.workers,  # live and recently ended analysis worker processes
             descriptions=descriptions,
             events=data.events,
             actions=bool(web.token),

@@ -34,10 +34,16 @@ class EventStatus:
     detail: str
 
 
+# Every association writes these two: on the page they would push out the events a person acts on.
+ROUTINE_EVENTS = ("association_accepted", "association_ended")
+
+
 def recent_events(db: Database, limit: int = 20) -> list[EventStatus]:
-    """The newest ``limit`` events, newest first."""
+    """The newest ``limit`` events worth a look (refusals, replacements, file problems), newest first."""
     with db.session() as session:
-        rows = session.scalars(select(Event).order_by(Event.id.desc()).limit(limit)).all()
+        rows = session.scalars(
+            select(Event).where(Event.kind.not_in(ROUTINE_EVENTS)).order_by(Event.id.desc()).limit(limit)
+        ).all()
         return [
             EventStatus(as_utc(e.at).isoformat(), e.kind, e.calling_ae, e.calling_host, e.series_uid, e.detail)
             for e in rows

@@ -10,7 +10,7 @@ import threading
 import uvicorn
 from starlette.types import ASGIApp
 
-from node.config import NodeConfig
+from node.config import TLS12_CIPHERS, NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class WebServer:
             timeout_graceful_shutdown=int(graceful_s),
             ssl_certfile=str(tls.certificate) if web.https else None,
             ssl_keyfile=str(tls.private_key) if web.https else None,
+            ssl_ciphers=TLS12_CIPHERS,  # the DICOM port's policy: ECDHE with AEAD only, so TLS 1.2 at least
         )
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

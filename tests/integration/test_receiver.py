@@ -59,7 +59,7 @@ def rejections_audited(node: NodeProcess, timeout_s: float = 5.0) -> list[tuple[
     deadline = time.monotonic() + timeout_s
     while True:
         with closing(sqlite3.connect(node.data_dir / "uad-node.sqlite")) as db:
-            rows = db.execute("SELECT calling_ae, calling_host FROM events WHERE kind = 'association_rejected'")
+            rows = db.execute("SELECT calling_ae, calling_host FROM events WHERE kind = 'association_refused'")
             audited = [tuple(row) for row in rows]
         if audited or time.monotonic() > deadline:
             return audited

@@ -195,9 +195,9 @@ def test_status_page_in_headless_chromium(site: Site, tmp_path: Path) -> None:
     stranger.add_requested_context(Verification)
     assert stranger.associate("127.0.0.1", site.node.port, ae_title="UADNODE").is_rejected
     deadline = time.monotonic() + 10
-    while "association rejected" not in (html := site.http.get("/").text) and time.monotonic() < deadline:
+    while "association refused" not in (html := site.http.get("/").text) and time.monotonic() < deadline:
         time.sleep(0.1)  # the audit row is written just after the rejection goes out
-    assert "association rejected" in html and "STRANGER" in html
+    assert "association refused" in html and "STRANGER" in html and "association accepted" not in html
     assert site.t1_uid in html and site.localizer_uid in html and "T1 MPRAGE AX" in html
     assert SYNTHETIC_PATIENT_NAME not in html and SYNTHETIC_PATIENT_ID not in html
     t1_job = newest(jobs_of(site.node.data_dir), site.t1_uid)

@@ -214,7 +214,7 @@ def test_status_json_contract_with_one_series(status_config: Path) -> None:
     result = _status(status_config)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert list(report) == ["disk", "studies", "jobs"]
+    assert list(report) == ["disk", "studies", "jobs", "workers", "file_problems"]
     [study] = report["studies"]
     assert set(study) == {"study_uid", "series"}
     assert study["study_uid"] == STUDY_UID

@@ -140,11 +140,20 @@ def test_init_takes_the_source_config_and_contrast_at_the_fine_tuning_rate(
     assert captured["options"].learning_rate == 3e-4 and captured["options"].batch_size == 2
 
 
+def test_init_with_another_contrast_transfers_the_weights(
+    shipped: Path, captured: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A T1 model starts a FLAIR model: FLAIR data, the FLAIR label on the new run, the source recorded."""
+    _run(shipped, contrast="flair")
+    assert captured["data_contrast"] == captured["description"]["contrast"] == "flair"
+    assert captured["init"].source == str(shipped) and captured["config"] == TINY
+    assert "transfer: the t1 model" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"config_name": "default"}, "is a 'tiny' model.*leave out --config"),
-        ({"contrast": "flair"}, "is a t1 model.*leave out --contrast"),
         ({"without_encoder": True}, "conditioned model.*leave out --unconditioned"),
         ({"resume": Path("run.pt")}, "--init .* --resume"),
     ],

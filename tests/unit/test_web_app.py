@@ -4,6 +4,8 @@ page without patient data, and HTTPS with the [tls] certificate."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -335,3 +337,16 @@ def test_https_uses_the_tls_certificate(tmp_path: Path, db: Database) -> None:
         assert answer.status_code == 200 and answer.url.scheme == "https"
         with pytest.raises(httpx.RemoteProtocolError):
             httpx.get(str(answer.url).replace("https", "http"), timeout=5)
+        # the DICOM port's policy: ECDHE with an AEAD cipher, so nothing older than TLS 1.2
+        for client in (_tls_client(maximum=ssl.TLSVersion.TLSv1_1), _tls_client(ciphers="ECDHE+AES256+SHA384")):
+            with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", config.web.port), 5) as raw:
+                client.wrap_socket(raw, server_hostname="127.0.0.1").close()
+
+
+def _tls_client(maximum: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2, ciphers: str = "DEFAULT") -> ssl.SSLContext:
+    """A client that trusts anything and offers only what it is given (TLS 1.0 needs security level 0)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.minimum_version, context.maximum_version = ssl.TLSVersion.TLSv1, maximum
+    context.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+    return context
