@@ -31,10 +31,6 @@ from node.sender.scu import AssociationSettings, FileHeader, connect, read_file_
 log = logging.getLogger(__name__)
 
 SendOutcome = Literal["delivered", "retry", "failed"]
-# Each outcome is written as it comes (one small transaction per result object), so a crash mid-export
-# re-sends at most the object in flight. Batches of 64 re-sent every result the PACS had acknowledged since
-# the last write: kill -9 during an export duplicated them at the PACS (tests/faults/test_kill9.py).
-_RECORD_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -190,15 +186,17 @@ class Sender:
         recorded = 0
 
         def emit(outcome: Outcome) -> None:
+            """Record each outcome as it comes (one small transaction per result object), so a crash mid-export
+            re-sends at most the object in flight: batches of 64 re-sent every result the PACS had acknowledged
+            since the last write, duplicates at the PACS after a kill -9 (tests/faults/test_kill9.py)."""
             nonlocal recorded
             outcomes.append(outcome)
-            if len(outcomes) - recorded >= _RECORD_BATCH:
-                try:
-                    self._ledger.record(destination.name, outcomes[recorded:])
-                except SQLAlchemyError as exc:  # the database is away: written with the rest at the end
-                    log.warning("delivery outcome not recorded yet (database error: %s)", exc)
-                    return
-                recorded = len(outcomes)
+            try:
+                self._ledger.record(destination.name, outcomes[recorded:])
+            except SQLAlchemyError as exc:  # the database is away: written with the rest at the end
+                log.warning("delivery outcome not recorded yet (database error: %s)", exc)
+                return
+            recorded = len(outcomes)
 
         # The one place that picks a transport; retry, backoff and the ledger are the same for both.
         transport = self._send_stow if destination.type == "dicomweb" else self._send_dimse
