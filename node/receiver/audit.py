@@ -98,6 +98,7 @@ class AssociationTally:
     ignored: int = 0  # SOP class not kept: acknowledged, no file
     refused: int = 0  # answered with a failure status
     bytes: int = 0  # data set bytes received, refused ones included
+    release_requested: bool = False  # the peer's A-RELEASE-RQ reached the acceptor loop
 
     def count(self, outcome: Outcome | None, size: int) -> None:
         self.bytes += size

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event as NetEvent
-from pynetdicom.pdu_primitives import A_ABORT
+from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE
 
 from node.db.database import Database
 from node.network import set_tcp_nodelay
@@ -58,6 +58,7 @@ class ReceiverHandlers:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store_counted),
             (evt.EVT_ACCEPTED, self.on_accepted),
+            (evt.EVT_ACSE_RECV, self.on_acse_recv),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_RELEASED, self.on_released),
             (evt.EVT_ABORTED, self.on_aborted),
@@ -144,6 +145,12 @@ class ReceiverHandlers:
         log.warning("association %s from %s@%s: %s", how, caller.ae_title or "?", caller.host, reason)
         self.record("association_refused", caller, None, reason)
 
+    def on_acse_recv(self, event: NetEvent) -> None:
+        """Note the peer's A-RELEASE-RQ: pynetdicom sends the reply before it marks the association released,
+        so a peer that closes at once can make the connection close reach us first."""
+        if _is_release_request(event.primitive) and (tally := self._tallies.get(event.assoc)):
+            tally.release_requested = True
+
     def on_released(self, event: NetEvent) -> None:
         self._ended(event.assoc, "released")
 
@@ -151,12 +158,14 @@ class ReceiverHandlers:
         self._ended(event.assoc, "aborted by node" if getattr(event.assoc, "_sent_abort", False) else "aborted by peer")
 
     def on_conn_close(self, event: NetEvent) -> None:
-        """The connection closed before the acceptor loop saw why: a peer's A-ABORT is still queued for it
-        (the DUL closes first), or the peer went away without releasing or aborting."""
+        """The connection closed before the acceptor loop saw why: a peer's A-RELEASE-RQ or A-ABORT is still
+        queued for it or just being answered (the DUL closes first), or the peer went away without either."""
         assoc = event.assoc
-        if assoc.is_released:
+        tally = self._tallies.get(assoc)
+        queued = assoc.dul.peek_next_pdu()
+        if assoc.is_released or (tally is not None and tally.release_requested) or _is_release_request(queued):
             how = "released"
-        elif isinstance(assoc.dul.peek_next_pdu(), A_ABORT):
+        elif isinstance(queued, A_ABORT):
             how = "aborted by peer"
         else:
             how = "connection closed"
@@ -180,6 +189,10 @@ class ReceiverHandlers:
     ) -> None:
         """Append to the audit trail; a database outage here must not break the association."""
         record_event(self.db, kind, caller, header, detail, sop_instance_uid)
+
+
+def _is_release_request(primitive: object) -> bool:
+    return isinstance(primitive, A_RELEASE) and primitive.result is None
 
 
 def _check_against_request(header: InstanceHeader, request: object) -> None:
