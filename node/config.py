@@ -93,7 +93,16 @@ class NodeSection(_Section):
     database_url: str = Field("", description="empty = SQLite file data_dir/uad-node.sqlite")
     allowed_senders: list[AllowedSender] = Field(default_factory=list)
     min_free_disk_mb: int = Field(1024, ge=0)
-    max_associations: int = Field(10, ge=1, le=1000)
+    max_associations: int = Field(
+        10, ge=1, le=1000, description="per receiver process: with receiver_processes = N, up to N times this in all"
+    )
+    receiver_processes: int = Field(
+        1,
+        ge=1,
+        le=32,
+        description="1 = the DICOM receiver runs inside serve; N > 1 = N receiver processes share host:port "
+        "(SO_REUSEPORT, the kernel spreads connections), for ingest beyond one Python process",
+    )
     max_pdu_size: int = Field(1_048_576, ge=0, description="0 = unlimited")
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(30.0, gt=0)

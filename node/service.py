@@ -1,7 +1,8 @@
 """The node as a running service: the receiver, the job scheduler and (with ``[web] enabled``) the HTTP
 interface over one database, until told to stop.
 
-This process holds the receiver (C-STORE, and STOW-RS on the HTTP interface), completion, exports and
+This process holds the receiver (C-STORE, and STOW-RS on the HTTP interface; with ``[node] receiver_processes``
+> 1 C-STORE is received by that many child processes, ``node.receiver.processes``), completion, exports and
 retention; analyses run in separate worker processes that the scheduler's supervisor starts, watches and
 restarts (``node.jobs.supervisor``), so nothing an analysis does (a crash, an OOM kill, ``kill -9``) stops
 the receiver, and no model is ever loaded here.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -23,6 +25,7 @@ from node.db.database import Database, open_database
 if TYPE_CHECKING:
     from node.jobs.scheduler import JobScheduler
     from node.receiver import Receiver
+    from node.receiver.processes import ReceiverProcesses
     from node.web.metrics import NodeMetrics
     from node.web.server import WebServer
 
@@ -58,18 +61,24 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
         log.error("cannot open data directory or database: %s", exc)
         return 1
     metrics = _metrics(config, db) if config.web.enabled else None
+    # With receiver_processes > 1 this one never listens: its store is STOW-RS's (the children receive C-STORE).
     receiver = Receiver(config=config, db=db, observer=metrics)
+    processes = _receiver_processes(config, db, metrics)
+    listening = (lambda: receiver.listening) if processes is None else (lambda: processes.listening)
     scheduler = JobScheduler(config, db, observer=metrics)
     web = None
     if metrics is not None:  # first, so /readyz answers 503 while the rest starts and the models load
         try:
-            web = _start_web(config, db, receiver, scheduler, metrics)
+            web = _start_web(config, db, receiver, listening, scheduler, metrics)
         except OSError as exc:
             log.error("cannot serve HTTP on %s:%d: %s", config.web.host, config.web.port, exc.strerror or exc)
             db.close()
             return 1
     try:
-        receiver.start()
+        if processes is None:
+            receiver.start()
+        else:  # every child listens before reconciliation and the scheduler start
+            processes.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.node.host, config.node.port, exc.strerror or exc)
         if web is not None:
@@ -86,7 +95,11 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
         started.set()
     stop.wait()
     log.info("stopping: no new associations; finishing stores in flight and the running job stage")
-    receiver.stop()
+    if processes is None:
+        receiver.stop()
+    else:
+        receiver.store.close()  # STOW-RS: later instances are refused, as Receiver.stop does
+        processes.stop()
     if web is not None:  # after the receiver, before the database: STOW-RS requests in flight finish
         web.stop()
     scheduler.stop(grace_s=WORKER_STOP_GRACE_S)
@@ -101,8 +114,22 @@ def _metrics(config: NodeConfig, db: Database) -> NodeMetrics:
     return NodeMetrics(lambda: job_counts(db), config.node.data_dir)
 
 
+def _receiver_processes(config: NodeConfig, db: Database, metrics: NodeMetrics | None) -> ReceiverProcesses | None:
+    """The receiver as ``[node] receiver_processes`` child processes, or None for the in-process one (1)."""
+    if config.node.receiver_processes == 1:
+        return None
+    from node.receiver.processes import ReceiverProcesses
+
+    return ReceiverProcesses(config, db, observer=metrics)
+
+
 def _start_web(
-    config: NodeConfig, db: Database, receiver: Receiver, scheduler: JobScheduler, metrics: NodeMetrics
+    config: NodeConfig,
+    db: Database,
+    receiver: Receiver,
+    listening: Callable[[], bool],
+    scheduler: JobScheduler,
+    metrics: NodeMetrics,
 ) -> WebServer:
     """The HTTP interface over the running parts (imported here: serve without [web] never loads uvicorn)."""
     from node.dicomweb.stow_rs import StowReceiver
@@ -110,9 +137,7 @@ def _start_web(
     from node.web.health import ReadinessChecks
     from node.web.server import WebServer
 
-    checks = ReadinessChecks(
-        listening=lambda: receiver.listening, db=db, models=lambda: dict(scheduler.model_states), node=config.node
-    )
+    checks = ReadinessChecks(listening=listening, db=db, models=lambda: dict(scheduler.model_states), node=config.node)
     if not config.web.token:
         log.info("HTTP interface: no [web] token, so job retry/cancel and STOW-RS are disabled")
     # STOW-RS shares the C-STORE receiver's store: its per-UID locks, disk floor and shutdown refusal.

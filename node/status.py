@@ -147,11 +147,12 @@ def disk_status(node: NodeSection) -> DiskStatus:
 
 @dataclass(frozen=True)
 class WorkerStatus:
-    """An analysis worker process as it last reported itself (the workers table)."""
+    """An analysis worker process, or a receiver process, as it last reported itself (the workers table)."""
 
-    name: str  # host:pid:slot
+    name: str  # host:pid:slot (receivers: host:pid:r<slot>)
     host: str
     pid: int
+    role: str  # "worker" (analysis) or "receiver" ([node] receiver_processes > 1)
     state: str  # starting, ready (live); stopped, exited (detail says how)
     live: bool  # starting or ready, with a heartbeat in the last few seconds
     current_job: int | None
@@ -172,6 +173,7 @@ def collect_workers(db: Database) -> list[WorkerStatus]:
             name=w.name,
             host=w.host,
             pid=w.pid,
+            role=w.role,
             state=w.state,
             live=w.live(now),
             current_job=w.current_job,
@@ -248,6 +250,7 @@ def status_text(status: NodeStatus) -> str:
         lines.append("workers")
     for w in status.workers:
         job = f"job {w.current_job}" if w.current_job is not None else "idle" if w.live else "-"
+        job = "receiver" if w.role == "receiver" else job
         health = f"{w.state}" if w.live or w.state not in ("starting", "ready") else f"{w.state}, no heartbeat"
         lines.append(
             f"  {w.name:<32} pid {w.pid:<7} {health:<20} {job:<10} heartbeat {w.seconds_since_heartbeat:.0f} s ago"

@@ -1,6 +1,7 @@
-"""The workers table: each analysis worker process registers itself, reports a heartbeat, and is marked when
-it exits, so ``serve``'s supervisor, readiness (/readyz), ``uad-node status`` and the web page all read the
-same picture.
+"""The workers table: each analysis worker process (role ``worker``) and each receiver process of a
+multi-process receiver (role ``receiver``, ``node.receiver.processes``) registers itself, reports a heartbeat,
+and is marked when it exits, so ``serve``'s supervisors, readiness (/readyz), ``uad-node status`` and the web
+page all read the same picture.
 
 A worker row is live while its state is ``starting`` or ``ready`` and its heartbeat is recent
 (``STALE_AFTER_S``): a process killed with its whole ``serve`` stops beating and drops out by itself.
@@ -64,29 +65,33 @@ def this_host() -> str:
     return socket.gethostname()
 
 
-def worker_name(slot: int, pid: int | None = None) -> str:
+def worker_name(slot: int | str, pid: int | None = None) -> str:
     return f"{this_host()}:{pid or os.getpid()}:{slot}"[:64]
 
 
-def register(db: Database, name: str, pid: int, models: dict[str, str]) -> None:
+def register(db: Database, name: str, pid: int, models: dict[str, str], role: str = "worker") -> None:
     """Insert this process's row (state ``starting``)."""
     now = utcnow()
     with db.session.begin() as session:
         session.add(
             WorkerRow(
-                name=name, host=this_host(), pid=pid, role="worker", state="starting", detail="",
+                name=name, host=this_host(), pid=pid, role=role, state="starting", detail="",
                 models=json.dumps(models), current_job_id=None, started_at=now, heartbeat_at=now,
             )
         )  # fmt: skip
 
 
-def heartbeat(db: Database, name: str, state: str, models: dict[str, str], current_job: int | None) -> None:
-    """Beat: still alive, in ``state``, with these model states and this job (guarded: an ``exited`` row stays so)."""
+def heartbeat(
+    db: Database, name: str, state: str, models: dict[str, str], current_job: int | None, detail: str | None = None
+) -> None:
+    """Beat: still alive, in ``state``, with these model states and this job (guarded: an ``exited`` row stays so);
+    ``detail``, when given, says what the process did so far (a receiver's counts)."""
+    values = {"state": state, "models": json.dumps(models), "current_job_id": current_job, "heartbeat_at": utcnow()}
+    if detail is not None:
+        values["detail"] = detail
     with db.session.begin() as session:
         session.execute(
-            update(WorkerRow)
-            .where(WorkerRow.name == name, WorkerRow.state.in_(LIVE_STATES))
-            .values(state=state, models=json.dumps(models), current_job_id=current_job, heartbeat_at=utcnow())
+            update(WorkerRow).where(WorkerRow.name == name, WorkerRow.state.in_(LIVE_STATES)).values(**values)
         )
 
 
@@ -98,14 +103,15 @@ def mark(db: Database, name: str, state: str, detail: str) -> None:
         )
 
 
-def mark_gone_on_this_host(db: Database) -> list[str]:
-    """At start-up: rows of this host still claiming to be live whose process no longer exists (a previous
-    ``serve`` that was killed) are marked ``exited``. Returns their names."""
+def mark_gone_on_this_host(db: Database, role: str | None = None) -> list[str]:
+    """At start-up: rows of this host (of ``role``, or all) still claiming to be live whose process no longer
+    exists (a previous ``serve`` that was killed) are marked ``exited``. Returns their names."""
     gone = []
+    query = select(WorkerRow).where(WorkerRow.host == this_host(), WorkerRow.state.in_(LIVE_STATES))
+    if role is not None:
+        query = query.where(WorkerRow.role == role)
     with db.session() as session:
-        rows = session.scalars(
-            select(WorkerRow).where(WorkerRow.host == this_host(), WorkerRow.state.in_(LIVE_STATES))
-        ).all()
+        rows = session.scalars(query).all()
         candidates = [(row.name, row.pid) for row in rows]
     for name, pid in candidates:
         if not _alive(pid):
@@ -129,7 +135,7 @@ def recent_workers(db: Database, keep_exited_s: float = 3600.0) -> list[WorkerIn
 def model_states(db: Database, configured: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Contrast class -> "loaded" when a live worker reports it loaded; else what a live worker reports
     ("loading", "failed: why"); "no live worker" when none is running."""
-    live = [w for w in all_workers(db) if w.live()]
+    live = [w for w in all_workers(db) if w.live() and w.role == "worker"]
     states = {}
     for contrast in configured:
         reported = [w.models.get(contrast, "loading") for w in live]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
+from node.child_process import FIRST_BACKOFF_S, HEALTHY_AFTER_S, MAX_BACKOFF_S, how_ended, log_target, short_exit
 from node.config import NodeConfig
 from node.db.database import Database
 from node.jobs import registry
@@ -39,10 +40,6 @@ from node.jobs.store import JobStore
 from node.jobs.worker_process import worker_main
 
 log = logging.getLogger(__name__)
-
-FIRST_BACKOFF_S = 1.0
-MAX_BACKOFF_S = 60.0
-HEALTHY_AFTER_S = 60.0
 
 
 @dataclass
@@ -119,13 +116,12 @@ class Supervisor:
         self._shutdown(getattr(self, "_grace_s", 60.0))
 
     def _spawn(self, slot: _Slot) -> None:
-        root = logging.getLogger()
-        log_file = next((h.baseFilename for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+        log_file, level = log_target()
         # One pipe per worker, written by it alone: a worker killed mid-write can garble only its own.
         reader, writer = self._context.Pipe(duplex=False) if self.observer is not None else (None, None)
         process = self._context.Process(
             target=worker_main,
-            args=(self.config, slot.number, os.getpid(), log_file, root.level, writer),
+            args=(self.config, slot.number, os.getpid(), log_file, level, writer),
             name=f"uad-node-worker-{slot.number}",
         )
         try:
@@ -171,14 +167,14 @@ class Supervisor:
             slot.events = None
         process.join(timeout=5)
         code = process.exitcode
-        how = _how(code)
+        how = how_ended(code)
         lived = time.monotonic() - slot.started
         with self._lock:
             slot.process = None
         slot.deaths += 1
         try:
             registry.mark(self.db, slot.name, "exited", how)
-            job = self.store.requeue_from_dead_worker(slot.name, _short(code), self.config.jobs.analysis_attempts)
+            job = self.store.requeue_from_dead_worker(slot.name, short_exit(code), self.config.jobs.analysis_attempts)
         except Exception:  # the database is down: the job stays with the dead worker until serve restarts
             log.exception("worker %s %s; cannot record it", slot.name, how)
             job = None
@@ -233,9 +229,9 @@ class Supervisor:
             if code != 0:
                 try:
                     if slot.name not in idle:
-                        registry.mark(self.db, slot.name, "exited", _how(code))
+                        registry.mark(self.db, slot.name, "exited", how_ended(code))
                     self.store.requeue_from_dead_worker(
-                        slot.name, _short(code), self.config.jobs.analysis_attempts, count_attempt=False
+                        slot.name, short_exit(code), self.config.jobs.analysis_attempts, count_attempt=False
                     )
                 except Exception:
                     log.exception("worker %s: cannot record its exit", slot.name)
@@ -246,20 +242,3 @@ class Supervisor:
             process.close()
             with self._lock:
                 slot.process = None
-
-
-def _short(code: int | None) -> str:
-    if code is None:
-        return "unknown exit"
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
-
-
-def _how(code: int | None) -> str:
-    """How a worker ended, for its row and the log: "killed by SIGKILL", "exit code 3"."""
-    short = _short(code)
-    return f"killed by {short}" if code is not None and code < 0 else short

@@ -15,7 +15,6 @@ process too (``PR_SET_PDEATHSIG``), and the heartbeat thread exits it when its p
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -24,12 +23,11 @@ import threading
 import time
 from multiprocessing.connection import Connection
 
+from node.child_process import die_with_parent, log_like_serve
 from node.config import NodeConfig
 from node.jobs import registry
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 class _PipeObserver:
@@ -68,14 +66,11 @@ def worker_main(
     """The process entry point (picklable: a module-level function of plain arguments). It logs where serve
     logs: to ``log_file`` when serve logs to a file (the demo), else to the standard error it inherits; it
     reports stage timings and model loads over ``events`` when serve watches them (metrics)."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: serve decides, then tells us
-    from node.service import configure_logging
-
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    configure_logging(log_level if log_level is not None else config.logging.level, handler)
+    log_like_serve(log_file, log_level if log_level is not None else config.logging.level)
     jobs = config.jobs
     if jobs.worker_nice:
         os.nice(jobs.worker_nice)
@@ -177,14 +172,3 @@ def _beat(db, name: str, models: dict[str, str], state: dict, parent_pid: int, s
             log.error("worker %s: serve (pid %d) is gone; exiting", name, parent_pid)
             os._exit(3)
         _report(db, name, models, state)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when the thread that started it (the supervisor's) ends."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # it died before the request took effect
-        os._exit(3)

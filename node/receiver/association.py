@@ -325,9 +325,23 @@ class NodeServer(ThreadedAssociationServer):
     so replacing it (SIGHUP) applies to the next one; ``stopping`` makes new associations be refused."""
 
     stopping = False
+    reuse_port = False  # SO_REUSEPORT before bind: see SharedPortNodeServer
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         return self.socket.accept()
+
+
+class SharedPortNodeServer(NodeServer):
+    """A ``NodeServer`` that several processes can bind to the same address (SO_REUSEPORT, set before bind):
+    the kernel spreads incoming connections over them (``[node] receiver_processes``). All of them must set it,
+    so a port held by anything else still cannot be bound."""
+
+    reuse_port = True
 
 
 def tls_failure(exc: BaseException, handshake_timeout_s: float) -> str:

@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
@@ -17,7 +18,7 @@ from pynetdicom.sop_class import Verification
 from node import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from node.config import TLS12_CIPHERS, NodeConfig, TlsSection
 from node.db.database import Database
-from node.receiver.association import NodeServer, SenderGate, request_handler_for
+from node.receiver.association import NodeServer, SenderGate, SharedPortNodeServer, request_handler_for
 from node.receiver.codecs import decodable_transfer_syntaxes, missing_decoders
 from node.receiver.handlers import ReceiverHandlers
 from node.receiver.observer import StoreObserver
@@ -59,12 +60,31 @@ def tls_context(tls: TlsSection) -> ssl.SSLContext | None:
     return context
 
 
+class TlsReloadable(Protocol):
+    """Something serving TLS that can read its files again: a ``Receiver``, or the receiver processes
+    (``node.receiver.processes``), which pass SIGHUP on to their children."""
+
+    def reload_tls(self) -> bool: ...
+
+
 def reload_tls_files() -> None:
-    """SIGHUP: every receiver running in this process reads its TLS files again (``Receiver.reload_tls``)."""
+    """SIGHUP: every receiver running in this process, and every receiver process it started, reads its TLS
+    files again (``reload_tls``)."""
     with _running_lock:
         receivers = list(_running)
     for receiver in receivers:
         receiver.reload_tls()
+
+
+def watch_for_tls_reload(target: TlsReloadable) -> None:
+    """Have ``reload_tls_files`` (SIGHUP) reach ``target`` until ``unwatch_for_tls_reload``."""
+    with _running_lock:
+        _running.append(target)
+
+
+def unwatch_for_tls_reload(target: TlsReloadable) -> None:
+    with _running_lock:
+        _running[:] = [running for running in _running if running is not target]
 
 
 def sender_gate(config: NodeConfig) -> SenderGate:
@@ -82,6 +102,7 @@ class Receiver:
     config: NodeConfig
     db: Database
     observer: StoreObserver | None = None  # metrics of each C-STORE (the HTTP interface), when enabled
+    reuse_port: bool = False  # share host:port with other processes' receivers (SO_REUSEPORT; receiver_processes)
     ae: AE = field(init=False)
     store: InstanceStore = field(init=False)
     _server: NodeServer | None = field(init=False, default=None)
@@ -117,14 +138,13 @@ class Receiver:
             (node.host, node.port),
             ssl_context=tls_context(self.config.tls),
             evt_handlers=handlers.bindings(),
-            server_class=NodeServer,
+            server_class=SharedPortNodeServer if self.reuse_port else NodeServer,
             request_handler=request_handler_for(sender_gate(self.config), node.acse_timeout_s, handlers.on_tls_refused),
         )
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="uad-node-scp", daemon=True)
         self._thread.start()
-        with _running_lock:
-            _running.append(self)
+        watch_for_tls_reload(self)
         host, port = self._server.server_address[:2]
         log.info("listening as %s on %s:%d%s", node.ae_title, host, port, " (TLS)" if self.config.tls.enabled else "")
         return str(host), int(port)
@@ -158,8 +178,7 @@ class Receiver:
         if self._server is None:
             return
         server, self._server = self._server, None
-        with _running_lock:
-            _running[:] = [receiver for receiver in _running if receiver is not self]
+        unwatch_for_tls_reload(self)
         server.stopping = True  # an association still negotiating is refused ("node shutting down")
         self.store.close()
         # pynetdicom's own shutdown() expects start_server(); stop the serve loop and close here.
@@ -176,9 +195,9 @@ class Receiver:
         log.info("receiver stopped")
 
 
-# The receivers started and not yet stopped in this process, for ``reload_tls_files`` (a signal handler cannot
-# be handed one).
-_running: list[Receiver] = []
+# The receivers (and receiver process groups) started and not yet stopped in this process, for
+# ``reload_tls_files`` (a signal handler cannot be handed one).
+_running: list[TlsReloadable] = []
 _running_lock = threading.Lock()
 
 

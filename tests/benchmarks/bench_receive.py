@@ -6,7 +6,8 @@ Generates synthetic MR series and sends each, with dcmtk ``storescu`` on
 number of senders, so the node's figures read against two well-known baselines.
 The node runs three ways: idle (start-up finished), during an analysis (the
 shipped T1 model analysing a sample brain series started just before), and
-from a cold start (the rate in the first second after it starts listening).
+from a cold start (the rate in the first second after it starts listening);
+"node x2" is the idle node with ``[node] receiver_processes = 2``.
 For the node it also prints rows/commits of its group commit (rows > commits:
 concurrent handlers shared commits).
 
@@ -49,7 +50,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-NODE_COMMAND = REPO_ROOT / ".venv" / "bin" / "uad-node"
+NODE_COMMAND = REPO_ROOT / ".venv" / "bin" / "uad-node"  # else this interpreter's ``-m node`` (a git worktree)
 ORTHANC_COMMAND = "/usr/sbin/Orthanc"
 LOOPBACK = "127.0.0.1"
 CALLING_AET = "BENCH"
@@ -290,11 +291,18 @@ ANALYSING = ("preprocessing", "inferring")  # job states while the model and the
 ANALYSIS_START_TIMEOUT_S = 400.0  # the worker loads the model and the atlas first
 
 
-def node_config(port: int, data_dir: Path, quiet_s: float = 10.0) -> str:
+def node_command() -> list[str]:
+    """``uad-node`` of the repository's virtual environment; without one (a git worktree), ``python -m node``
+    with this interpreter, which imports the ``node`` package of the current directory (the repository root)."""
+    return [str(NODE_COMMAND)] if NODE_COMMAND.exists() else [sys.executable, "-m", "node"]
+
+
+def node_config(port: int, data_dir: Path, quiet_s: float = 10.0, receiver_processes: int = 1) -> str:
     """The embedded defaults (the shipped T1 model included), loopback, anyone may send; the benchmark's own
     series are excluded from analysis so that only the sample brain series is ever analysed."""
     return (
         "[node]\n"
+        f"receiver_processes = {receiver_processes}\n"
         'ae_title = "UADNODE"\n'
         f'host = "{LOOPBACK}"\n'
         f"port = {port}\n"
@@ -365,18 +373,17 @@ def sample_series(root: Path) -> Path:
 
 
 @contextmanager
-def node_receiver(workdir: Path, analysis: bool = False) -> Iterator[Receiver]:
+def node_receiver(workdir: Path, analysis: bool = False, processes: int = 1) -> Iterator[Receiver]:
     """The uad-node under test, with a throwaway config and data directory, once its start-up is over.
 
     ``analysis``: first send the sample T1 brain series and wait until the shipped model is analysing it,
-    so the measurement runs beside a real analysis (``Receiver.analysing`` says whether it still is)."""
-    if not NODE_COMMAND.exists():
-        raise ReceiverUnavailable(f"{NODE_COMMAND} does not exist")
+    so the measurement runs beside a real analysis (``Receiver.analysing`` says whether it still is).
+    ``processes``: ``[node] receiver_processes`` (the row "node xN")."""
     port = free_port()
     data_dir = workdir / "node-data"
     config = workdir / "node.toml"
-    config.write_text(node_config(port, data_dir, quiet_s=1.0 if analysis else 10.0))
-    command = [str(NODE_COMMAND), "serve", "--config", str(config)]
+    config.write_text(node_config(port, data_dir, quiet_s=1.0 if analysis else 10.0, receiver_processes=processes))
+    command = [*node_command(), "serve", "--config", str(config)]
     log = workdir / "node.log"
     database = data_dir / "uad-node.sqlite"
     with server(command, log) as process:
@@ -396,7 +403,7 @@ def node_receiver(workdir: Path, analysis: bool = False) -> Iterator[Receiver]:
         else:
             wait_quiet(process.pid)
         count = partial(count_files, data_dir / "studies", "*.dcm")
-        name = "node+analysis" if analysis else "node"
+        name = "node+analysis" if analysis else "node" if processes == 1 else f"node x{processes}"
         yield Receiver(name, "UADNODE", port, count, shlex.join(command), log=log, analysing=analysing)
 
 
@@ -405,10 +412,16 @@ def node_analysis_receiver(workdir: Path) -> contextlib.AbstractContextManager[R
 
 
 def group_commit_stats(log: Path) -> tuple[int, int, int] | None:
-    """(rows, commits, largest batch) from the node's "group commit: ..." line, written when it stops."""
+    """(rows, commits, largest batch) from the node's "group commit: ..." lines, written when it stops (one per
+    receiver process: summed, the largest batch of all)."""
     text = log.read_text(errors="replace") if log.exists() else ""
-    found = re.findall(r"group commit: (\d+) rows in (\d+) commits \(largest batch (\d+)", text)
-    return tuple(int(v) for v in found[-1]) if found else None  # type: ignore[return-value]
+    found = [tuple(int(v) for v in line) for line in re.findall(GROUP_COMMIT_LINE, text)]
+    if not found:
+        return None
+    return sum(f[0] for f in found), sum(f[1] for f in found), max(f[2] for f in found)
+
+
+GROUP_COMMIT_LINE = r"group commit: (\d+) rows in (\d+) commits \(largest batch (\d+)"
 
 
 @dataclass(frozen=True)
@@ -431,7 +444,7 @@ def node_start_probe(workdir: Path, series: GeneratedSeries) -> StartProbe:
     log = workdir / "node.log"
     database = data_dir / "uad-node.sqlite"
     probe = accepts_tcp(port)
-    with server([str(NODE_COMMAND), "serve", "--config", str(config)], log) as process:
+    with server([*node_command(), "serve", "--config", str(config)], log) as process:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not probe():
             if process.poll() is not None or time.monotonic() > deadline:
@@ -706,6 +719,8 @@ def format_table(
                 f"node/storescp = {ratio((name, 'node', senders), (name, 'storescp', senders))}",
                 f"node+analysis/node = {ratio((name, 'node+analysis', senders), (name, 'node', senders))}",
                 f"node+analysis/Orthanc = {ratio((name, 'node+analysis', senders), (name, 'Orthanc', senders))}",
+                f"node x2/node = {ratio((name, 'node x2', senders), (name, 'node', senders))}",
+                f"node x2/Orthanc = {ratio((name, 'node x2', senders), (name, 'Orthanc', senders))}",
             ]
             lines.append(f"  {name}, {senders} sender(s): " + ", ".join(parts))
         lines.append(f"  {name}: node 4 senders / 1 sender = {ratio((name, 'node', 4), (name, 'node', 1))}")
@@ -736,6 +751,7 @@ def format_table(
 
 RECEIVERS = {
     "node": node_receiver,
+    "node x2": partial(node_receiver, processes=2),
     "node+analysis": node_analysis_receiver,
     "storescp": storescp_receiver,
     "Orthanc": orthanc_receiver,
@@ -873,6 +889,7 @@ def main() -> int:
         f"  a fresh receiver per run and sender count (node+analysis: one for both), {args.repeat} run(s), median shown"
     )
     print("  node: after its start-up work is over; node+analysis: while the shipped T1 model analyses a sample series")
+    print("  node x2: as node, with [node] receiver_processes = 2 (two receiver processes on one port)")
     print()
     print(format_table(results, unavailable, series, commits, probes))
     return 1 if any(result.error for result in results) else 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from node.child_process import how_ended
 from node.config import NodeConfig
 from node.db import Job, Worker
 from node.db.database import Database
@@ -22,7 +23,7 @@ from node.db.schema import utcnow
 from node.jobs import registry
 from node.jobs.states import JobState
 from node.jobs.store import JobStore
-from node.jobs.supervisor import Supervisor, _how
+from node.jobs.supervisor import Supervisor
 from tests.unit.test_jobs_store import add_job
 
 pytestmark = pytest.mark.timeout(300)
@@ -114,8 +115,8 @@ def test_rows_left_by_a_killed_serve_on_this_host_are_marked_exited(db: Database
 
 
 def test_how_a_worker_ended() -> None:
-    assert _how(-signal.SIGKILL) == "killed by SIGKILL"
-    assert _how(3) == "exit code 3"
+    assert how_ended(-signal.SIGKILL) == "killed by SIGKILL"
+    assert how_ended(3) == "exit code 3"
 
 
 # -- a real supervisor --------------------------------------------------------------------------------------
@@ -220,3 +221,22 @@ def test_status_lists_the_workers(db: Database) -> None:
     assert (dead["state"], dead["detail"], dead["live"]) == ("exited", "killed by SIGKILL", False)
     text = status_text(status)
     assert "workers" in text and "h:7:1" in text and "job 12" in text and "killed by SIGKILL" in text
+
+
+def test_receiver_processes_are_listed_with_their_role_and_load_no_model(db: Database) -> None:
+    """A receiver row ([node] receiver_processes > 1) shows in status with its role and counts, and never
+    stands for an analysis worker in the models' readiness."""
+    from node.status import DiskStatus, NodeStatus, collect_workers, status_json, status_text
+
+    registry.register(db, "h:9:r1", 9, {}, role="receiver")
+    registry.heartbeat(db, "h:9:r1", "ready", {}, None, "40 instances stored, 0 refused")
+    assert registry.model_states(db, ["T1"]) == {"T1": "loading (no live analysis worker)"}
+    status = NodeStatus(DiskStatus("/data", 100, 1, False), workers=collect_workers(db))
+    [receiver] = status_json(status)["workers"]
+    assert (receiver["role"], receiver["state"], receiver["live"]) == ("receiver", "ready", True)
+    assert receiver["detail"] == "40 instances stored, 0 refused"
+    assert "receiver" in status_text(status)
+    registry.register(db, "h:7:1", 7, {"T1": "loaded"})
+    registry.heartbeat(db, "h:7:1", "ready", {"T1": "loaded"}, None)
+    assert registry.model_states(db, ["T1"]) == {"T1": "loaded"}
+    assert [w.role for w in registry.all_workers(db)] == ["receiver", "worker"]
