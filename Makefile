@@ -21,8 +21,10 @@ venv: $(STAMP)
 demo: venv
 	$(VENV)/bin/uad-node demo --out demo-output
 
+# Two pytest workers (pytest-xdist), a test file each at a time: module fixtures stay in one process, and the
+# suite's single-threaded peers and analyses use both cores. `pytest -n 0` runs it in one process.
 test: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: venv
 	$(PY) tests/benchmarks/bench_receive.py

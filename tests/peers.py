@@ -43,6 +43,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def echo_node(port: int, calling_ae: str = "SCANNER1", called_ae: str = "UADNODE") -> None:
+    """A C-ECHO with dcmtk ``echoscu`` that must succeed within 10 s."""
+    result = subprocess.run(
+        [require_tool("echoscu"), "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def require_file(path: Path, install: str = "apt-get install mricron-data insighttoolkit5-examples") -> Path:
     """A data file from a package, or skip (fail under UAD_REQUIRE_PEERS=1) when absent; ``install`` says how."""
     if not path.is_file():

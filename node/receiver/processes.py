@@ -21,25 +21,16 @@ from __future__ import annotations
 
 import errno
 import logging
-import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from multiprocessing.process import BaseProcess
 
-from node.child_process import (
-    FIRST_BACKOFF_S,
-    HEALTHY_AFTER_S,
-    MAX_BACKOFF_S,
-    die_with_parent,
-    how_ended,
-    log_like_serve,
-    log_target,
-)
+from node.child_process import ChildProcesses, Slot, die_with_parent, how_ended, log_like_serve, log_target
 from node.config import NodeConfig
 from node.db.database import Database
 from node.jobs import registry
@@ -58,32 +49,23 @@ _OBSERVED = ("stored", "refused")
 
 
 @dataclass
-class _Slot:
-    number: int
-    process: BaseProcess | None = None
-    name: str = ""
-    started: float = 0.0
-    backoff_s: float = FIRST_BACKOFF_S
-    restart_at: float | None = None  # monotonic time of the next start, while waiting for the backoff
-    events: Connection | None = None
+class _Slot(Slot):
     ready: bool = False  # it said it listens
     cannot_listen: tuple[int, str] | None = None  # (errno, why), when it said it cannot
 
 
-class ReceiverProcesses:
+class ReceiverProcesses(ChildProcesses[_Slot]):
     """Starts, watches and restarts the receiver processes; see the module docstring."""
 
+    what = "receiver process"
+    process_name = "uad-node-receiver-{}"
+    slot_prefix = "r"
+
     def __init__(self, config: NodeConfig, db: Database, observer: StoreObserver | None = None) -> None:
+        super().__init__([_Slot(number) for number in range(1, config.node.receiver_processes + 1)])
         self.config, self.db, self.observer = config, db, observer
-        self.slots = [_Slot(number) for number in range(1, config.node.receiver_processes + 1)]
-        self._context = multiprocessing.get_context("spawn")
-        self._stop = threading.Event()
         self._up = threading.Event()  # every child listening, or the start failed (``_start_failure``)
         self._start_failure: OSError | None = None
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._grace_s = STOP_GRACE_S
 
     # -- serve's side ----------------------------------------------------------------------------------
 
@@ -92,8 +74,7 @@ class ReceiverProcesses:
         and words) or they do not within ``timeout_s``; every child is stopped then."""
         for name in registry.mark_gone_on_this_host(self.db, role=ROLE):
             log.warning("receiver process %s of a previous serve is gone; marked exited", name)
-        self._thread = threading.Thread(target=self._watch, name="receiver-processes", daemon=True)
-        self._thread.start()
+        self._start_watching("receiver-processes")
         if not self._up.wait(timeout_s):
             self._start_failure = OSError(errno.ETIMEDOUT, f"receiver processes not listening after {timeout_s:g} s")
         if self._start_failure is not None:
@@ -108,16 +89,9 @@ class ReceiverProcesses:
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM every child, wait up to ``grace_s``, SIGKILL the rest; returns when all are gone."""
-        if self._thread is None:
-            return
-        unwatch_for_tls_reload(self)
-        self._grace_s = grace_s
-        self._stop.set()
-        os.write(self._wake_w, b"x")
-        self._thread.join()
-        self._thread = None
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self._thread is not None:
+            unwatch_for_tls_reload(self)
+        super().stop(grace_s)
 
     @property
     def listening(self) -> bool:
@@ -125,11 +99,6 @@ class ReceiverProcesses:
         moment a child's process ends."""
         with self._lock:
             return all(s.process is not None and s.ready for s in self.slots)
-
-    def pids(self) -> dict[str, int]:
-        """Live child name -> pid."""
-        with self._lock:
-            return {s.name: s.process.pid for s in self.slots if s.process is not None and s.process.pid}
 
     def reload_tls(self) -> bool:
         """SIGHUP to every listening child: each reads its TLS files again (``Receiver.reload_tls``)."""
@@ -145,120 +114,53 @@ class ReceiverProcesses:
         log.info("SIGHUP passed on to %d receiver process(es)", len(pids))
         return bool(pids)
 
-    # -- the watching thread ---------------------------------------------------------------------------
+    # -- the hooks, on the watching thread -------------------------------------------------------------
 
-    def _watch(self) -> None:
-        for slot in self.slots:
-            self._spawn(slot)
-        while not self._stop.is_set():
-            now = time.monotonic()
-            for slot in self.slots:
-                if slot.process is None and slot.restart_at is not None and now >= slot.restart_at:
-                    self._spawn(slot)
-            waits = [s.restart_at - now for s in self.slots if s.process is None and s.restart_at is not None]
-            timeout = max(0.05, min([1.0, *waits]))
-            sentinels = {s.process.sentinel: s for s in self.slots if s.process is not None}
-            events = {s.events: s for s in self.slots if s.events is not None}
-            ready = wait([*sentinels, *events, self._wake_r], timeout=timeout)
-            for handle in ready:
-                if handle in events:
-                    self._read(events[handle])
-            for handle in ready:
-                if handle in sentinels and not self._stop.is_set():
-                    self._died(sentinels[handle])
-        self._shutdown(self._grace_s)
-
-    def _spawn(self, slot: _Slot) -> None:
+    def _target_args(self, slot: _Slot, events: Connection | None) -> tuple[Callable[..., None], tuple[object, ...]]:
         log_file, level = log_target()
-        reader, writer = self._context.Pipe(duplex=False)  # one per child: a child killed mid-write garbles its own
-        process = self._context.Process(
-            target=receiver_main,
-            args=(self.config, slot.number, os.getpid(), log_file, level, writer, self.observer is not None),
-            name=f"uad-node-receiver-{slot.number}",
-        )
-        try:
-            process.start()
-        except OSError as exc:  # out of processes or memory
-            log.error("cannot start receiver process %d: %s", slot.number, exc)
-            reader.close()
-            writer.close()
-            if not self._up.is_set():
-                self._start_failed(exc)
-            else:
-                self._schedule_restart(slot)
-            return
-        writer.close()  # the child has its copy; EOF on the reader once the child is gone
-        with self._lock:
-            slot.process, slot.started, slot.restart_at, slot.events = process, time.monotonic(), None, reader
-            slot.ready, slot.cannot_listen = False, None
-            slot.name = registry.worker_name(f"r{slot.number}", process.pid)
-        log.info("receiver process %s started (pid %d)", slot.name, process.pid)
+        forward = self.observer is not None
+        return receiver_main, (self.config, slot.number, os.getpid(), log_file, level, events, forward)
 
-    def _read(self, slot: _Slot) -> None:
-        """Take what the child sent: its listening (or why not), and its C-STORE observations for the metrics."""
-        connection = slot.events
-        if connection is None:
-            return
-        try:
-            while connection.poll():
-                kind, args = connection.recv()
-                if kind in _OBSERVED and self.observer is not None:
-                    getattr(self.observer, kind)(*args)
-                elif kind == "listening":
-                    with self._lock:
-                        slot.ready = True
-                    if not self._up.is_set() and all(s.ready for s in self.slots):
-                        self._up.set()
-                    elif self._up.is_set():
-                        log.info("receiver process %s listening again", slot.name)
-                elif kind == "cannot_listen":
-                    slot.cannot_listen = (int(args[0] or 0), str(args[1]))
-        except (EOFError, OSError, ValueError, TypeError):  # the child ended (perhaps mid-message)
-            connection.close()
-            slot.events = None
-        except Exception:  # a garbled message: metrics are not worth the receiver
-            log.exception("receiver process %s: unreadable message; ignoring its messages from now on", slot.name)
-            connection.close()
-            slot.events = None
+    def _on_message(self, slot: _Slot, kind: str, args: tuple[object, ...]) -> None:
+        """Its listening (or why not), and its C-STORE observations for the metrics."""
+        if kind in _OBSERVED and self.observer is not None:
+            getattr(self.observer, kind)(*args)
+        elif kind == "listening":
+            with self._lock:
+                slot.ready = True
+            if not self._up.is_set() and all(s.ready for s in self.slots):
+                self._up.set()
+            elif self._up.is_set():
+                log.info("receiver process %s listening again", slot.name)
+        elif kind == "cannot_listen":
+            slot.cannot_listen = (int(args[0] or 0), str(args[1]))
 
-    def _died(self, slot: _Slot) -> None:
-        process = slot.process
-        assert process is not None
-        self._read(slot)  # what it said before it died
-        if slot.events is not None:
-            slot.events.close()
-            slot.events = None
-        process.join(timeout=5)
-        code = process.exitcode
+    def _on_died(self, slot: _Slot, code: int | None) -> bool:
         how = how_ended(code)
-        lived = time.monotonic() - slot.started
-        with self._lock:
-            slot.process, slot.ready = None, False
-        process.close()
-        if slot.cannot_listen is not None:
-            how = f"cannot listen: {slot.cannot_listen[1]}"
+        slot.ready, cannot_listen, slot.cannot_listen = False, slot.cannot_listen, None
+        if cannot_listen is not None:
+            how = f"cannot listen: {cannot_listen[1]}"
         try:
             registry.mark(self.db, slot.name, "exited", how)
         except Exception:
             log.exception("receiver process %s %s; cannot record it", slot.name, how)
         if not self._up.is_set():  # during serve's start: serve gives up (as with one in-process receiver)
-            code_errno, why = slot.cannot_listen or (0, f"receiver process {how}")
+            code_errno, why = cannot_listen or (0, f"receiver process {how}")
             self._start_failed(OSError(code_errno, why) if code_errno else OSError(why))
-            return
+            return False
         log.error("receiver process %s %s; the other receiver processes keep serving", slot.name, how)
-        if lived >= HEALTHY_AFTER_S:
-            slot.backoff_s = FIRST_BACKOFF_S
-        self._schedule_restart(slot)
+        return True
+
+    def _on_start_failed(self, slot: _Slot, exc: OSError) -> None:
+        if not self._up.is_set():
+            self._start_failed(exc)
+        else:
+            self._schedule_restart(slot)
 
     def _start_failed(self, exc: OSError) -> None:
         if self._start_failure is None:
             self._start_failure = exc
         self._up.set()
-
-    def _schedule_restart(self, slot: _Slot) -> None:
-        slot.restart_at = time.monotonic() + slot.backoff_s
-        log.info("receiver process slot %d: restarting in %g s", slot.number, slot.backoff_s)
-        slot.backoff_s = min(slot.backoff_s * 2, MAX_BACKOFF_S)
 
     def _shutdown(self, grace_s: float) -> None:
         running = [s for s in self.slots if s.process is not None]
@@ -279,25 +181,12 @@ class ReceiverProcesses:
                 if handle in events:
                     self._read(events[handle])
         for slot in running:
-            process = slot.process
-            assert process is not None
-            if process.is_alive():
-                log.warning("receiver process %s did not stop within %g s; killing it", slot.name, grace_s)
-                process.kill()
-            process.join(timeout=10)
-            self._read(slot)
-            if slot.events is not None:
-                slot.events.close()
-                slot.events = None
-            code = process.exitcode
+            code = self._reap(slot, grace_s)
             if code != 0:  # a clean stop marks its own row
                 try:
                     registry.mark(self.db, slot.name, "exited", how_ended(code))
                 except Exception:
                     log.exception("receiver process %s: cannot record its exit", slot.name)
-            with self._lock:
-                slot.process, slot.ready = None, False
-            process.close()
 
 
 # -- the child's side -----------------------------------------------------------------------------------

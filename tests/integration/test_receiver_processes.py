@@ -25,7 +25,7 @@ from node.jobs.registry import WorkerInfo, all_workers
 from tests.dicomweb_bodies import part10, stow_body
 from tests.integration.test_tls import Certs, certs, client_context, der, handshake  # noqa: F401 (a fixture)
 from tests.mr_files import mr_series, write_series
-from tests.peers import REPO, NodeProcess, free_port, node_config, require_tool
+from tests.peers import REPO, NodeProcess, echo_node, free_port, node_config, require_tool
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(120)]
 
@@ -77,15 +77,6 @@ def storescu(folder: Path, port: int, calling_ae: str) -> subprocess.Popen[bytes
         stderr=subprocess.PIPE,
         env=NODELAY_ENV,
     )
-
-
-def echo(port: int) -> None:
-    echoscu = require_tool("echoscu")
-    result = subprocess.run(
-        [echoscu, "-aet", "SCANNER1", "-aec", "UADNODE", "127.0.0.1", str(port)],
-        capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
 
 
 def gone(pid: int) -> bool:
@@ -165,7 +156,7 @@ def test_a_killed_receiver_process_is_restarted_while_the_other_keeps_serving(no
 
     def replaced() -> list[WorkerInfo]:
         nonlocal echoes
-        echo(node.port)  # the port answers throughout: the other process takes every connection
+        echo_node(node.port)  # the port answers throughout: the other process takes every connection
         echoes += 1
         rows = live_receivers(node)()
         return rows if rows and victim.pid not in {w.pid for w in rows} else []
@@ -177,7 +168,7 @@ def test_a_killed_receiver_process_is_restarted_while_the_other_keeps_serving(no
     [dead] = [w for w in receivers(node) if w.pid == victim.pid]
     assert (dead.state, dead.detail) == ("exited", "killed by SIGKILL")
     assert f"receiver process {victim.name} killed by SIGKILL" in node.log()
-    echo(node.port)
+    echo_node(node.port)
     assert node.process is not None and node.process.poll() is None
 
 

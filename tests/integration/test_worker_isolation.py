@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from tests.integration.test_node_jobs import (
     wait_for,
     write_study,
 )
-from tests.peers import NodeProcess, Orthanc, free_port, require_tool, running_orthanc
+from tests.peers import NodeProcess, Orthanc, echo_node, free_port, running_orthanc
 from tests.tiny_model import write_fast_checkpoint
 
 pytestmark = [pytest.mark.peers, pytest.mark.timeout(600)]
@@ -112,15 +111,6 @@ def analysing_series(series_uid: str) -> Callable[[WorkerInfo, list[JobRecord]],
     return holding
 
 
-def echo(port: int) -> None:
-    echoscu = require_tool("echoscu")
-    result = subprocess.run(
-        [echoscu, "-aet", "SCANNER1", "-aec", "UADNODE", "127.0.0.1", str(port)],
-        capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-
-
 def test_a_worker_killed_mid_analysis_is_replaced_and_the_job_completes_once(
     tmp_path: Path,
     study: tuple[Path, str, str, str],
@@ -139,7 +129,7 @@ def test_a_worker_killed_mid_analysis_is_replaced_and_the_job_completes_once(
 
     # The receiver does not notice: C-ECHO and a C-STORE (a localizer of another study) right after the kill.
     started = time.monotonic()
-    echo(port)
+    echo_node(port)
     sent(send(late_study[0] / "localizer", port))
     assert time.monotonic() - started < 15
 
@@ -201,7 +191,7 @@ def test_a_series_that_kills_every_worker_ends_not_screened_and_the_node_keeps_r
 
     # A worker is running again, and the node still takes images.
     wait_for_worker(node, lambda w, _: w.name not in killed and w.state == "ready", "a worker after the deaths")
-    echo(port)
+    echo_node(port)
     sent(send(late_study[0] / "localizer", port))
     assert {w.state for w in workers_of(node.data_dir) if w.name in killed} == {"exited"}
     assert node.stop(timeout_s=90) == 0

@@ -18,6 +18,9 @@ from models.quality import QualityThresholds
 from models.quality.gate import QualityReport
 from tests.qc_corpus import Measured, measure_corpus, qc_cases
 
+# The module fixture registers every case (8 of them, ~90 s alone on two cores; more beside a second test worker).
+pytestmark = pytest.mark.timeout(600)
+
 FULL = os.environ.get("UAD_QC_FULL") == "1"
 SUBSET = {
     "itk-head",
