@@ -93,7 +93,10 @@ def run_node(config: NodeConfig, stop: threading.Event, started: threading.Event
     scheduler.start()
     if started is not None:
         started.set()
-    stop.wait()
+    # Python runs signal handlers on the main thread between bytecodes; a signal the kernel delivers to another
+    # thread does not wake a blocked Event.wait(). Waiting in slices handles SIGTERM and SIGHUP within 0.5 s.
+    while not stop.wait(0.5):
+        pass
     log.info("stopping: no new associations; finishing stores in flight and the running job stage")
     if processes is None:
         receiver.stop()
