@@ -583,3 +583,11 @@ def uad_node(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "node", *args], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
     )
+
+
+def store_fresh_series(port: int, series: list[Dataset]) -> tuple[str, set[str]]:
+    """Send a ``fresh_copy`` of ``series`` on one association; every image must be acknowledged. Returns the new
+    Series Instance UID and the acknowledged SOP Instance UIDs."""
+    copy = fresh_copy(series)
+    assert store_statuses(port, copy) == [0] * len(copy)
+    return str(copy[0].SeriesInstanceUID), {str(ds.SOPInstanceUID) for ds in copy}

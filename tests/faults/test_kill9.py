@@ -26,7 +26,7 @@ from tests.faults.conftest import (
     jobs,
     orphan_files,
     recovery_s,
-    store_statuses,
+    store_fresh_series,
     wait_jobs,
 )
 
@@ -168,11 +168,9 @@ def test_kill9_worker_process_mid_job(  # type: ignore[no-untyped-def]
     node = fault_node(checkpoint=checkpoint, pacs_port=peer.port).start()
     t1_uids, acked, recoveries, states_at_kill = [], set(), [], []
     for _ in range(ROUNDS):
-        t1 = fresh_copy(t1_series)
-        t1_uids.append(str(t1[0].SeriesInstanceUID))
-        statuses = store_statuses(node.port, t1)
-        assert statuses == [0] * len(t1)
-        acked |= {str(ds.SOPInstanceUID) for ds in t1}
+        uid, stored = store_fresh_series(node.port, t1_series)
+        t1_uids.append(uid)
+        acked |= stored
         busy = _busy_worker(node)
         if busy is None:
             pytest.xfail("worker processes not yet landed (the workers table stays empty)")
@@ -225,11 +223,9 @@ def test_kill9_serve_in_the_middle_of_an_export(  # type: ignore[no-untyped-def]
     node = fault_node(checkpoint=checkpoint, pacs_port=peer.port).start()
     t1_uids, acked, recoveries, in_flight_max = [], set(), [], 0
     for _ in range(ROUNDS):
-        t1 = fresh_copy(t1_series)
-        uid = str(t1[0].SeriesInstanceUID)
+        uid, stored = store_fresh_series(node.port, t1_series)
         t1_uids.append(uid)
-        assert store_statuses(node.port, t1) == [0] * len(t1)
-        acked |= {str(ds.SOPInstanceUID) for ds in t1}
+        acked |= stored
         before = sum(peer.received().values())
         deadline = time.monotonic() + 240
         while sum(peer.received().values()) < before + 2:

@@ -15,10 +15,9 @@ from tests.faults.conftest import (
     ROUNDS,
     FaultRow,
     assert_stored,
-    fresh_copy,
     jobs,
     recovery_s,
-    store_statuses,
+    store_fresh_series,
     wait_jobs,
 )
 
@@ -50,11 +49,9 @@ def test_pacs_fault_results_delivered_exactly_once(  # type: ignore[no-untyped-d
     acked: set[str] = set()
     recoveries: list[float] = []
     for _ in range(ROUNDS):
-        t1 = fresh_copy(t1_series)
-        uid = str(t1[0].SeriesInstanceUID)
+        uid, stored = store_fresh_series(node.port, t1_series)
         t1_uids.append(uid)
-        assert store_statuses(node.port, t1) == [0] * len(t1)
-        acked |= {str(ds.SOPInstanceUID) for ds in t1}
+        acked |= stored
         if mode == "down":
             waiting = lambda rows, u=uid: any(  # noqa: E731
                 r[1] == u and r[2] == "exporting" and "next attempt" in r[3] for r in rows

@@ -21,10 +21,9 @@ from tests.faults.conftest import (
     FaultRow,
     assert_stored,
     four_streams,
-    fresh_copy,
     jobs,
     recovery_s,
-    store_statuses,
+    store_fresh_series,
     wait_jobs,
 )
 from tests.integration import test_postgres
@@ -91,11 +90,9 @@ def test_postgres_restarted_during_a_job(  # type: ignore[no-untyped-def]
     node = fault_node(database_url=database_url, checkpoint=checkpoint, pacs_port=peer.port).start()
     t1_uids, acked, recoveries, at_restart = [], set(), [], []
     for _ in range(ROUNDS):
-        t1 = fresh_copy(t1_series)
-        uid = str(t1[0].SeriesInstanceUID)
+        uid, stored = store_fresh_series(node.port, t1_series)
         t1_uids.append(uid)
-        assert store_statuses(node.port, t1) == [0] * len(t1)
-        acked |= {str(ds.SOPInstanceUID) for ds in t1}
+        acked |= stored
         running = lambda rows, u=uid: any(  # noqa: E731
             r[1] == u and r[2] in ("preprocessing", "inferring", "exporting") for r in rows
         )
